@@ -1,0 +1,128 @@
+"""`zoom` command line: demo, audit, report.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix, no
+traceback, nothing half-written).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import ZoomError
+
+DEMO_NOTICE = ("NOTE: the demo's models are tiny and RANDOMLY initialised; every number below is "
+               "meaningless. It shows the pipeline end to end, offline.")
+
+
+class ZoomGroup(click.Group):
+    """Turns ZoomError (and click's own usage errors) into one line on stderr and exit code 2."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except ZoomError as e:
+            click.echo(f"zoom: error: {e}", err=True)
+            sys.exit(2)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("zoom: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"zoom: error: {e.format_message()}", err=True)
+            sys.exit(2)
+
+
+def _quiet_libraries():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _default_out(prefix: str) -> str:
+    return f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@click.group(cls=ZoomGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zoom")
+def main():
+    """zoom: which attributes flip your vision model, how often, how easily, and the images that did it."""
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory to create (default: ./zoom-demo-DATE-TIME).")
+def demo(out):
+    """A full small audit on tiny random models, offline, on CPU."""
+    from .config import load_config
+    from .report import summary_table
+    from .runner import run_audit
+    from .tiny import build_tiny_models
+
+    _quiet_libraries()
+    out = out or _default_out("zoom-demo")
+    click.echo(DEMO_NOTICE)
+    paths = build_tiny_models()
+    os.environ["ZOOM_TINY"] = str(paths["sd"].parent)
+    config = load_config(Path(__file__).parent / "data" / "demo.yaml")
+    report = run_audit(config, out)
+    click.echo(summary_table(report))
+    click.echo(DEMO_NOTICE)
+    click.echo(f"report: {Path(out).resolve() / 'report.json'}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Run config (YAML).")
+@click.option("--target", help="Target spec, e.g. torchvision:resnet50:IMAGENET1K_V2 (overrides target.spec).")
+@click.option("--prompts", help="Attribute set YAML (overrides prompts).")
+@click.option("--samples", type=int, help="Seeds per attribute (overrides search.samples).")
+@click.option("--mode", type=click.Choice(["single", "joint", "sweep"]), help="Search mode.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default: runs/audit-DATE-TIME).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished items.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow hf: targets to run code from their repository.")
+def audit(config_path, target, prompts, samples, mode, precision, out, resume, trust_remote_code):
+    """Audit a target model's sensitivity to the attributes of a prompt set."""
+    from .config import load_config
+    from .report import summary_table
+    from .runner import run_audit
+
+    if resume and not out:
+        raise ZoomError("--resume needs --out RUN_DIR: the run directory to continue")
+    overrides = {"target.spec": target, "prompts": prompts, "search.samples": samples, "search.mode": mode,
+                 "precision": precision, "target.trust_remote_code": True if trust_remote_code else None}
+    config = load_config(config_path, overrides)
+    _quiet_libraries()
+    out = out or os.path.join("runs", _default_out("audit"))
+    report = run_audit(config, out, resume=resume)
+    if report is not None:
+        click.echo(summary_table(report))
+        click.echo(f"report: {Path(out).resolve() / 'report.json'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir):
+    """Rebuild report.json and report.csv of RUN_DIR from its records (no models needed)."""
+    from .report import summary_table, write_report
+
+    if not os.path.isdir(run_dir):
+        raise ZoomError(f"run directory {run_dir!r} does not exist")
+    rebuilt = write_report(run_dir)
+    click.echo(summary_table(rebuilt))
+    click.echo(f"report: {Path(run_dir).resolve() / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The run config: YAML (configs/*.yaml) + CLI overrides -> typed, validated dataclasses.
+
+Every problem is a ZoomError naming the key, the value and the fix. `resolved()` gives the
+config as stored in RUN_DIR/config.yaml: the same shape, defaults filled in, paths absolute and
+the prompt file's content copied under `prompts`, so a run directory is self-describing and
+`--resume` can check it is continuing the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import ZoomError, looks_like_path
+from .prompts import load_prompts
+from .prompts import _yaml_where
+
+MODES = ("single", "joint", "sweep")
+EDIT_SPACES = ("text", "latent", "both")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+@dataclass
+class GeneratorConfig:
+    model: str = "stabilityai/sd-turbo"
+    revision: typing.Optional[str] = None
+    steps: int = 1
+    guidance_scale: float = 0.0
+    resolution: typing.Optional[int] = 512  # None: the model's native size
+
+
+@dataclass
+class ClipConfig:
+    model: str = "ViT-B-32"
+    pretrained: typing.Optional[str] = "laion2b_s34b_b79k"
+
+
+@dataclass
+class TargetConfig:
+    spec: str = "torchvision:resnet50:IMAGENET1K_V2"
+    task: str = "multiclass"
+    label: typing.Union[int, str, None] = None  # multilabel: which label's decision is audited
+    target_class: typing.Union[int, str, None] = None  # multiclass: flip *to* this class (targeted)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class SearchConfig:
+    mode: str = "single"
+    edit_space: str = "text"
+    samples: int = 64  # seeds per attribute
+    seed: int = 0  # first seed; sample i uses seed + i
+    batch_size: int = 8  # seeds per forward pass
+    alpha_max: float = 3.0  # bound on |alpha|
+    delta_max: float = 0.05  # bound on |delta| / |initial noise| (latent edit space)
+    max_steps: int = 20  # optimiser steps per sample before giving up
+    lr: float = 0.3
+    lambda_clip: float = 0.5  # weight of the directional CLIP loss
+    lambda_alpha: float = 0.01  # L1 penalty on alpha (sparsity in joint mode)
+    lambda_delta: float = 1.0  # penalty on the latent residual's relative norm
+    kappa: float = 0.0  # flip margin in logits: the loss keeps pushing until margin < -kappa
+    sweep_points: int = 13  # grid size in sweep mode
+
+
+@dataclass
+class Config:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    guide: ClipConfig = field(default_factory=ClipConfig)
+    judge: ClipConfig = field(default_factory=lambda: ClipConfig("ViT-B-16", "laion2b_s34b_b88k"))
+    target: TargetConfig = field(default_factory=TargetConfig)
+    prompts: typing.Union[str, dict] = "prompts/faces.yaml"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    precision: str = "bf16"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def resolved(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["prompts"] = load_prompts(self.prompts).to_dict()
+        return out
+
+
+def _check_type(value, annotation, key):
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin is typing.Union else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool, dict) and isinstance(value, option):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ZoomError(f"config key {key}: expected {names}, got {value!r}")
+
+
+def _build(cls, data, prefix=""):
+    if not isinstance(data, dict):
+        raise ZoomError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ZoomError(f"unknown config key {prefix}{unknown[0]}; allowed in this section: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def load_config(path=None, overrides: dict | None = None) -> Config:
+    """Read YAML, apply CLI overrides ({'search.samples': 8, ...}), resolve paths, validate."""
+    data = {}
+    base_dir = os.getcwd()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ZoomError(f"config file {os.fspath(path)!r} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ZoomError(f"config file {os.fspath(path)!r} is not valid YAML ({_yaml_where(e)})") from None
+        base_dir = os.path.dirname(os.path.abspath(path))
+    if not isinstance(data, dict):
+        raise ZoomError(f"config file {os.fspath(path)!r} must be a YAML mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
+        node[leaf] = value
+    config = _build(Config, data)
+    _resolve_paths(config, base_dir)
+    validate(config)
+    return config
+
+
+def _expand(value: str) -> str:
+    """~ and $VARS; `${ZOOM_TINY}` names the tiny offline models, built on first use."""
+    if "ZOOM_TINY" in value and "ZOOM_TINY" not in os.environ:
+        from .tiny import build_tiny_models
+
+        os.environ["ZOOM_TINY"] = str(build_tiny_models()["sd"].parent)
+    return os.path.expandvars(os.path.expanduser(value))
+
+
+def _resolve_path(value: str, base_dir: str) -> str:
+    """Relative paths are tried against the current directory, then against the config's folder."""
+    expanded = _expand(value)
+    if os.path.isabs(expanded):
+        return expanded
+    for root in (os.getcwd(), base_dir, os.path.dirname(base_dir)):
+        candidate = os.path.join(root, expanded)
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    return os.path.abspath(expanded)
+
+
+def _resolve_paths(c: Config, base_dir: str) -> None:
+    if isinstance(c.prompts, str):
+        c.prompts = _resolve_path(c.prompts, base_dir)
+    c.generator.model = _expand(c.generator.model)
+    if looks_like_path(c.generator.model):
+        c.generator.model = _resolve_path(c.generator.model, base_dir)
+    for clip in (c.guide, c.judge):
+        if clip.model.startswith("local-dir:"):
+            clip.model = "local-dir:" + _resolve_path(clip.model[len("local-dir:"):], base_dir)
+    kind, _, rest = c.target.spec.partition(":")
+    rest = _expand(rest)
+    c.target.spec = f"{kind}:{rest}"
+    if kind in ("hf", "torchscript") and looks_like_path(rest):
+        c.target.spec = f"{kind}:{_resolve_path(rest, base_dir)}"
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ZoomError(f"config key {key}={value!r} must be one of {', '.join(choices)}")
+
+
+def validate(c: Config) -> None:
+    s = c.search
+    _choice("search.mode", s.mode, MODES)
+    _choice("search.edit_space", s.edit_space, EDIT_SPACES)
+    _choice("precision", c.precision, PRECISIONS)
+    _choice("target.task", c.target.task, TASKS)
+    for key, value in [("search.samples", s.samples), ("search.batch_size", s.batch_size),
+                       ("generator.steps", c.generator.steps), ("search.sweep_points", s.sweep_points)]:
+        if value < 1:
+            raise ZoomError(f"config key {key}={value} must be a positive integer")
+    if s.max_steps < 0:
+        raise ZoomError(f"config key search.max_steps={s.max_steps} must be >= 0")
+    for key, value in [("search.alpha_max", s.alpha_max), ("search.lr", s.lr), ("search.delta_max", s.delta_max)]:
+        if not value > 0:
+            raise ZoomError(f"config key {key}={value} must be > 0")
+    if c.generator.resolution is not None and c.generator.resolution < 8:
+        raise ZoomError(f"config key generator.resolution={c.generator.resolution} must be at least 8 pixels")
+    if s.mode == "sweep" and s.edit_space != "text":
+        raise ZoomError("search.mode=sweep walks alpha on a grid: it needs search.edit_space=text")
+    if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
+        raise ZoomError(f"config key device={c.device!r} must be auto, cpu, cuda or cuda:N")
+    load_prompts(c.prompts)  # fail now, before any model loads, on a bad prompt file
+
+
+def dump_config(resolved: dict) -> str:
+    return yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,126 @@
+"""Stable-Diffusion-family components -> a differentiable few-step sampler.
+
+Read top to bottom like a diffusers pipeline: encode prompt, timesteps, prepare latents,
+denoising loop, decode. The difference is that nothing here runs under `no_grad`: gradients
+flow from the decoded image back to the edit parameters (text-conditioning weights and a
+latent residual). The scheduler is used only through `set_timesteps` / `scale_model_input` /
+`step`, and `set_timesteps` is called before every pass because schedulers keep a step counter.
+
+At alpha = 0 the image equals `StableDiffusionPipeline(...)(prompt, num_inference_steps=k,
+guidance_scale=g, generator=torch.Generator().manual_seed(seed), output_type="pt")` for every
+seed, whatever the batch size (tests/test_equivalence.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import ZoomError, looks_like_path
+
+
+class Generator:
+    def __init__(self, pipe, *, steps: int, guidance_scale: float, resolution: int, device="cpu"):
+        self.pipe = pipe
+        self.unet, self.vae, self.scheduler = pipe.unet, pipe.vae, pipe.scheduler
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.resolution = resolution
+        self.device = torch.device(device)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % self.vae_scale_factor:
+            raise ZoomError(
+                f"generator.resolution={resolution} must be a multiple of the VAE's scale factor "
+                f"{self.vae_scale_factor}"
+            )
+        self._embeds: dict[str, torch.Tensor] = {}
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False).eval().to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, revision: str | None = None, steps: int = 1,
+                        guidance_scale: float = 0.0, resolution: int | None = None, device="cpu"):
+        """Load a Stable-Diffusion-family pipeline (hub id or local folder) with diffusers."""
+        from diffusers import StableDiffusionPipeline
+
+        if looks_like_path(model) and not os.path.isdir(os.path.expanduser(model)):
+            raise ZoomError(f"generator.model: folder {model!r} does not exist; give a diffusers folder or hub id")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                os.path.expanduser(model), revision=revision,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variously
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ZoomError(f"generator.model: cannot load {model!r} as a Stable Diffusion pipeline ({reason})") from e
+        pipe.set_progress_bar_config(disable=True)
+        if resolution is None:
+            resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return cls(pipe, steps=steps, guidance_scale=guidance_scale, resolution=resolution, device=device)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    # 1. Encode prompt (cached: every prompt is encoded once per run).
+    def embed(self, prompt: str) -> torch.Tensor:
+        """`prompt_embeds` [1, tokens, dim] for one prompt, as the pipeline computes them."""
+        if prompt not in self._embeds:
+            with torch.no_grad():  # the text encoder is frozen and edits act on its output
+                embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+            self._embeds[prompt] = embeds
+        return self._embeds[prompt]
+
+    # 2./3. Timesteps and initial latents, one generator per seed as the pipeline with batch size 1.
+    def _seed_generators(self, seeds) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def initial_noise(self, seeds, generators=None) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        generators = generators if generators is not None else self._seed_generators(seeds)
+        side = self.resolution // self.vae_scale_factor
+        shape = (len(generators), self.unet.config.in_channels, side, side)
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+
+    # 4. Denoising loop, differentiable.
+    def sample_latents(self, seeds, cond: torch.Tensor, latent_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise from each seed's noise (+ latent_delta) under per-sample conditioning cond [B, T, D]."""
+        generators = self._seed_generators(seeds)
+        self.scheduler.set_timesteps(self.steps, device=self.device)
+        noise = self.initial_noise(seeds, generators)
+        if latent_delta is not None:
+            noise = noise + latent_delta
+        latents = noise * self.scheduler.init_noise_sigma
+        if self.do_classifier_free_guidance:
+            uncond = self.embed("").expand(len(cond), -1, -1)
+            cond = torch.cat([uncond, cond])
+        step_kwargs = {"generator": generators} if _accepts(self.scheduler.step, "generator") else {}
+        for t in self.scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=cond, return_dict=False)[0]
+            if self.do_classifier_free_guidance:
+                uncond_pred, text_pred = noise_pred.chunk(2)
+                noise_pred = uncond_pred + self.guidance_scale * (text_pred - uncond_pred)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    # 5. Decode to RGB in [0, 1], as the pipeline's image processor does for output_type="pt".
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def images(self, seeds, cond: torch.Tensor, latent_delta: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.sample_latents(seeds, cond, latent_delta))
+
+    @property
+    def unet_calls_per_image(self) -> int:
+        return len(self.scheduler.timesteps) if self.scheduler.timesteps is not None else self.steps
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters

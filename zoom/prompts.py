@@ -1,0 +1,103 @@
+"""Attribute sets: a domain prompt, the attributes to vary one at a time, and the null control.
+
+Prompt text is cleaned exactly as open_clip cleans it before tokenizing (ftfy, HTML unescape,
+whitespace), so the diffusion text encoder and the CLIP models read the same words.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import yaml
+
+from .errors import ZoomError
+
+NULL_NAME = "null"
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    prompt: str
+    slug: str  # file-system-safe, unique within the set; never derived from raw prompt text alone
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    domain: str
+    attributes: tuple[Attribute, ...]
+    null: str | None  # a paraphrase of the domain; None -> a random direction of matched norm
+
+    def to_dict(self) -> dict:
+        out = {"domain": self.domain,
+               "attributes": [{"name": a.name, "prompt": a.prompt} for a in self.attributes]}
+        if self.null is not None:
+            out["null"] = self.null
+        return out
+
+
+def clean_prompt(text: str) -> str:
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    return whitespace_clean(basic_clean(text))
+
+
+def slugify(index: int, name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "attribute"
+    return f"{index:02d}-{slug}"
+
+
+def load_prompts(source) -> PromptSet:
+    """From a YAML file path or an already-parsed mapping (as copied into a run's config.yaml)."""
+    where = "prompts"
+    if isinstance(source, (str, os.PathLike)):
+        where = f"prompts file {os.fspath(source)!r}"
+        if not os.path.isfile(source):
+            raise ZoomError(f"{where} does not exist")
+        try:
+            with open(source, encoding="utf-8") as f:
+                source = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ZoomError(f"{where} is not valid YAML ({_yaml_where(e)})") from None
+    if not isinstance(source, dict):
+        raise ZoomError(f"{where} must be a mapping with 'domain' and 'attributes'")
+    data = {("null" if k is None else k): v for k, v in source.items()}  # YAML reads a bare `null:` key as None
+    unknown = set(data) - {"domain", "attributes", "null"}
+    if unknown:
+        raise ZoomError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; allowed: domain, attributes, null")
+    domain = data.get("domain")
+    if not isinstance(domain, str) or not domain.strip():
+        raise ZoomError(f"{where}: 'domain' must be a non-empty prompt string")
+    items = data.get("attributes")
+    if not isinstance(items, list) or not items:
+        raise ZoomError(f"{where}: 'attributes' must be a non-empty list of {{name, prompt}}")
+    attributes, seen_names, seen_prompts = [], set(), set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("prompt"), str):
+            raise ZoomError(f"{where}: attributes[{i}] must have string 'name' and 'prompt'")
+        name, prompt = item["name"].strip(), clean_prompt(item["prompt"])
+        if not name or not prompt:
+            raise ZoomError(f"{where}: attributes[{i}] has an empty name or prompt")
+        if name.lower() == NULL_NAME:
+            raise ZoomError(f"{where}: attribute name {name!r} is reserved for the null control")
+        if name.lower() in seen_names:
+            raise ZoomError(f"{where}: attribute name {name!r} appears twice; names must be unique")
+        if prompt in seen_prompts:
+            raise ZoomError(f"{where}: attribute prompt {prompt!r} appears twice; prompts must be unique")
+        if prompt == clean_prompt(domain):
+            raise ZoomError(f"{where}: attribute {name!r} has the domain's own prompt, so it changes nothing")
+        seen_names.add(name.lower())
+        seen_prompts.add(prompt)
+        attributes.append(Attribute(name, prompt, slugify(i, name)))
+    null = data.get("null")
+    if null is not None and (not isinstance(null, str) or not null.strip()):
+        raise ZoomError(f"{where}: 'null' must be a prompt string (a paraphrase of the domain)")
+    return PromptSet(clean_prompt(domain), tuple(attributes), clean_prompt(null) if null else None)
+
+
+def _yaml_where(e) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or "parse error"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

@@ -1,0 +1,260 @@
+"""The counterfactual search over a batch of seeds.
+
+For each seed the base image is the generator's output for the domain prompt. An *edit* is a set
+of directions in the text-conditioning space, `dir_k = E(prompt_k) - E(domain)`; the edited
+conditioning is `E(domain) + sum_k alpha_k * dir_k` with |alpha_k| <= alpha_max, plus (edit
+spaces `latent` / `both`) a residual `delta` on the initial noise with |delta| <= delta_max |noise|.
+
+- `optimise` (modes `single` with one direction, `joint` with all of them): Adam on alpha/delta
+  only (every model is frozen) minimising
+      relu(margin + kappa) + lambda_clip * directional CLIP loss + lambda_alpha * |alpha|_1
+      + lambda_delta * |delta| / |noise|,
+  where margin > 0 while the target keeps its base decision. Each sample stops at the first
+  evaluation that flips it; its strength at that point is recorded.
+- `sweep`: no gradients; the target along a grid of alpha in [-alpha_max, alpha_max].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .guide import directional_loss
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ALPHA_INIT = 0.05  # start off zero: the directional loss is undefined at zero change
+DELTA_INIT = 1e-3  # relative norm of the initial latent residual
+
+
+@dataclass
+class Base:
+    """What the search needs to know about the seeds' base images."""
+
+    seeds: list[int]
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    pred: torch.Tensor  # [B] base decision
+    prob: torch.Tensor  # [B] probability of the base decision
+    guide_emb: torch.Tensor  # [B, D] guide CLIP embedding
+    noise_norm: torch.Tensor  # [B] norm of the initial noise (unit of the latent residual)
+
+
+@dataclass
+class Edit:
+    """One or more directions in conditioning space and the CLIP text directions that go with them."""
+
+    names: list[str]
+    directions: torch.Tensor  # [K, T, D]
+    text_dirs: torch.Tensor | None  # [K, E] unit vectors in guide space; None: no CLIP term (random null)
+
+
+@dataclass
+class Outcome:
+    """Per-sample results of one search (lists of length B)."""
+
+    flipped: list[bool]
+    steps: list[int]
+    alpha: torch.Tensor  # [B, K]
+    delta_rel: list[float]  # |delta| / |noise|
+    final_pred: list[int]
+    final_prob: list[float]  # probability of the *base* decision at the final edit
+    images: torch.Tensor  # [B, 3, H, W] counterfactual images
+    unet_calls: list[int]
+    status: list[str]
+    curves: list[list] | None = None  # sweep: [[alpha, base_prob, pred], ...] per sample
+    extra: dict = field(default_factory=dict)
+
+
+class Searcher:
+    def __init__(self, generator, guide, target, criterion, config, precision="fp32"):
+        self.generator, self.guide, self.target, self.criterion = generator, guide, target, criterion
+        self.cfg = config  # SearchConfig
+        self.precision = precision
+        self.device = generator.device
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.precision])
+
+    def _render(self, seeds, alpha, edit: Edit, domain_embeds, delta=None):
+        """Images for per-sample weights alpha [b, K] (and latent residual delta) -> (images, logits)."""
+        cond = domain_embeds + torch.einsum("bk,ktd->btd", alpha, edit.directions)
+        with self.autocast():
+            images = self.generator.images(seeds, cond, delta)
+            logits = self.target(images)
+        return images.float(), logits.float()
+
+    # -----------------------------------------------------------------------------------------
+    def base(self, seeds, domain: str) -> Base:
+        embeds = self.generator.embed(domain)
+        with torch.no_grad():
+            zero = torch.zeros(len(seeds), 1, device=self.device)
+            dummy = Edit([], torch.zeros(1, *embeds.shape[1:], device=self.device), None)
+            images, logits = self._render(seeds, zero, dummy, embeds)
+            pred = self.criterion.decision(logits)
+            prob = self.criterion.base_prob(logits, pred)
+            with self.autocast():
+                guide_emb = self.guide.embed_images(images).float()
+            noise_norm = self.generator.initial_noise(seeds).flatten(1).norm(dim=1)
+        return Base(list(seeds), images, pred, prob, guide_emb, noise_norm)
+
+    # -----------------------------------------------------------------------------------------
+    def optimise(self, base: Base, edit: Edit, domain: str, edit_space: str, item_seeds=None) -> Outcome:
+        """Adam on the edit parameters, per-sample early stop at the first flip."""
+        cfg, B, K = self.cfg, len(base.seeds), edit.directions.shape[0]
+        embeds = self.generator.embed(domain)
+        use_text, use_latent = edit_space in ("text", "both"), edit_space in ("latent", "both")
+
+        alpha = torch.full((B, K), ALPHA_INIT if use_text else 0.0, device=self.device)
+        delta = None
+        params = []
+        if use_text:
+            alpha.requires_grad_(True)
+            params.append(alpha)
+        if use_latent:
+            # A small seeded start: the CLIP change direction is undefined at exactly zero.
+            noise_shape = self.generator.initial_noise(base.seeds[:1]).shape[1:]
+            starts = []
+            for s in (item_seeds or base.seeds):
+                g = torch.Generator().manual_seed(int(s) + 1_000_003)
+                starts.append(torch.randn(noise_shape, generator=g))
+            delta = torch.stack(starts).to(self.device)
+            delta = delta * (DELTA_INIT * base.noise_norm / delta.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+            delta.requires_grad_(True)
+            params.append(delta)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        flipped = [False] * B
+        steps = [0] * B
+        calls = [0] * B
+        final_pred = base.pred.tolist()
+        final_prob = base.prob.tolist()
+        status = ["ok"] * B
+        images_out = base.images.clone()
+        alpha_out = alpha.detach().clone()
+        delta_out = torch.zeros(B)
+        per_eval_calls = self.generator.steps
+
+        for step in range(cfg.max_steps + 1):
+            active = (~done).nonzero()[:, 0]
+            if len(active) == 0:
+                break
+            seeds = [base.seeds[i] for i in active.tolist()]
+            a = alpha[active]
+            d = delta[active] if delta is not None else None
+            images, logits = self._render(seeds, a, edit, embeds, d)
+            margin = self.criterion.margin(logits, base.pred[active])
+            pred = self.criterion.decision(logits)
+            prob = self.criterion.base_prob(logits, base.pred[active]).detach()
+            finite = torch.isfinite(margin)
+            now_flipped = (margin < 0) & finite
+            last = step == cfg.max_steps
+            for j, i in enumerate(active.tolist()):
+                calls[i] += per_eval_calls
+                if now_flipped[j] or last or not finite[j]:
+                    done[i] = True
+                    flipped[i] = bool(now_flipped[j])
+                    steps[i] = step
+                    final_pred[i] = int(pred[j])
+                    final_prob[i] = float(prob[j])
+                    images_out[i] = images[j].detach()
+                    alpha_out[i] = a[j].detach()
+                    if d is not None:
+                        delta_out[i] = float(d[j].detach().norm() / base.noise_norm[i])
+                    if not finite[j]:
+                        status[i] = "failed: non-finite target output"
+            keep = (~now_flipped) & finite
+            if last or not keep.any():
+                break
+
+            # Loss on the samples still searching; summed, so each sample's gradient is its own.
+            loss = torch.relu(margin + cfg.kappa)
+            if cfg.lambda_clip and edit.text_dirs is not None:
+                with self.autocast():
+                    emb = self.guide.embed_images(images).float()
+                text_dir = torch.nn.functional.normalize(a @ edit.text_dirs, dim=-1) if use_text else \
+                    edit.text_dirs.sum(0, keepdim=True).expand(len(a), -1)
+                loss = loss + cfg.lambda_clip * directional_loss(emb, base.guide_emb[active], text_dir)
+            if use_text:
+                loss = loss + cfg.lambda_alpha * a.abs().sum(-1)
+            if d is not None:
+                loss = loss + cfg.lambda_delta * d.flatten(1).norm(dim=1) / base.noise_norm[active]
+            loss = (loss * keep).sum()
+            if not torch.isfinite(loss):
+                for j, i in enumerate(active.tolist()):
+                    if keep[j]:
+                        done[i], status[i], steps[i] = True, "failed: non-finite loss", step
+                continue
+
+            frozen_alpha = alpha.detach().clone()
+            frozen_delta = delta.detach().clone() if delta is not None else None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                if use_text:
+                    alpha.clamp_(-cfg.alpha_max, cfg.alpha_max)
+                    alpha[done] = frozen_alpha[done]
+                if delta is not None:
+                    limit = cfg.delta_max * base.noise_norm
+                    scale = (limit / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                    delta.mul_(scale.view(-1, 1, 1, 1))
+                    delta[done] = frozen_delta[done]
+
+        return Outcome(flipped, steps, alpha_out, delta_out.tolist(), final_pred, final_prob,
+                       images_out, calls, status)
+
+    # -----------------------------------------------------------------------------------------
+    def sweep(self, base: Base, edit: Edit, domain: str) -> Outcome:
+        """No gradients: the target along alpha in [-alpha_max, alpha_max]; strength = smallest flipping |alpha|."""
+        cfg, B = self.cfg, len(base.seeds)
+        embeds = self.generator.embed(domain)
+        grid = torch.linspace(-cfg.alpha_max, cfg.alpha_max, cfg.sweep_points).tolist()
+        order = sorted(range(len(grid)), key=lambda i: (abs(grid[i]), grid[i] < 0))
+        curves = [[None] * len(grid) for _ in range(B)]
+        flipped, alpha_out = [False] * B, torch.zeros(B, 1)
+        final_pred, final_prob = base.pred.tolist(), base.prob.tolist()
+        images_out = base.images.clone()
+        status = ["ok"] * B
+        with torch.no_grad():
+            for gi in order:
+                value = grid[gi]
+                alpha = torch.full((B, 1), value, device=self.device)
+                images, logits = self._render(base.seeds, alpha, edit, embeds)
+                pred = self.criterion.decision(logits)
+                prob = self.criterion.base_prob(logits, base.pred)
+                is_flip = self.criterion.margin(logits, base.pred) < 0
+                for i in range(B):
+                    curves[i][gi] = [round(value, 6), float(prob[i]), int(pred[i])]
+                    if not torch.isfinite(logits[i]).all():
+                        status[i] = "failed: non-finite target output"
+                    # First flip by increasing |alpha| wins; without any flip show the +alpha_max edit.
+                    if not flipped[i] and (is_flip[i] or (gi == len(grid) - 1)):
+                        flipped[i] = bool(is_flip[i])
+                        alpha_out[i, 0] = value
+                        final_pred[i], final_prob[i] = int(pred[i]), float(prob[i])
+                        images_out[i] = images[i]
+        calls = [len(grid) * self.generator.steps] * B
+        return Outcome(flipped, [len(grid)] * B, alpha_out, [0.0] * B, final_pred, final_prob,
+                       images_out, calls, status, curves=curves)
+
+
+def strength(alpha_row, delta_rel: float, edit_space: str) -> float:
+    """How far the edit went: |alpha| (summed over directions) or the latent residual's relative norm."""
+    if edit_space == "latent":
+        return float(delta_rel)
+    return float(alpha_row.abs().sum())
+
+
+def random_direction(like: torch.Tensor, norm: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(like.shape, generator=g).to(like.device)
+    return v * (norm / v.norm())
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
