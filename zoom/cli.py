@@ -19,6 +19,9 @@ DEMO_NOTICE = ("NOTE: the demo's models are tiny and RANDOMLY initialised; every
                "meaningless. It shows the pipeline end to end, offline.")
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 class ZoomGroup(click.Group):
     """Turns ZoomError (and click's own usage errors) into one line on stderr and exit code 2."""
 
@@ -34,6 +37,9 @@ class ZoomGroup(click.Group):
         except click.Abort:
             click.echo("zoom: aborted", err=True)
             sys.exit(130)
+        except _NO_ARGS_IS_HELP as e:  # bare `zoom`: help, not an error
+            click.echo(e.format_message())
+            sys.exit(0)
         except click.ClickException as e:
             click.echo(f"zoom: error: {e.format_message()}", err=True)
             sys.exit(2)

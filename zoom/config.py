@@ -139,7 +139,11 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
+            if node.get(p) is None:  # absent, or an empty `section:` that YAML reads as None
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ZoomError(f"config section {p} must be a mapping, got {node[p]!r}")
+            node = node[p]
         node[leaf] = value
     config = _build(Config, data)
     _resolve_paths(config, base_dir)

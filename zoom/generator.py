@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .errors import ZoomError, looks_like_path
+from .errors import ZoomError, load_failure, looks_like_path
 
 
 class Generator:
@@ -47,13 +47,19 @@ class Generator:
         if looks_like_path(model) and not os.path.isdir(os.path.expanduser(model)):
             raise ZoomError(f"generator.model: folder {model!r} does not exist; give a diffusers folder or hub id")
         try:
+            index = StableDiffusionPipeline.load_config(os.path.expanduser(model), revision=revision)
+        except Exception as e:
+            raise load_failure("generator.model", model, e) from e
+        if index.get("text_encoder_2") or "XL" in str(index.get("_class_name", "")):
+            raise ZoomError(f"generator.model: {model!r} is an SDXL-class pipeline ({index.get('_class_name')}); "
+                            "zoom supports the Stable Diffusion 1.x/2.x family (e.g. stabilityai/sd-turbo) for now")
+        try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 os.path.expanduser(model), revision=revision,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
         except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variously
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ZoomError(f"generator.model: cannot load {model!r} as a Stable Diffusion pipeline ({reason})") from e
+            raise load_failure("generator.model", model, e) from e
         pipe.set_progress_bar_config(disable=True)
         if resolution is None:
             resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .errors import ZoomError
+from .errors import ZoomError, load_failure
 
 LOCAL_DIR = "local-dir:"
 
@@ -47,12 +47,12 @@ class Clip:
         elif pretrained and os.sep in pretrained and not os.path.isfile(os.path.expanduser(pretrained)):
             raise ZoomError(f"CLIP pretrained weights file {pretrained!r} does not exist")
         try:
+            # require_pretrained: a built-in name without weights would silently be a random CLIP
             clip, _, _ = open_clip.create_model_and_transforms(model, pretrained=pretrained or None,
-                                                               device=device)
+                                                               device=device, require_pretrained=True)
             tokenizer = open_clip.get_tokenizer(model)
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ZoomError(f"CLIP model {model!r} (pretrained {pretrained!r}) cannot be loaded: {reason[:300]}") from e
+            raise load_failure("CLIP model", f"{model} ({pretrained})" if pretrained else model, e) from e
         return cls(clip, tokenizer, device, name=model)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

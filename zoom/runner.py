@@ -319,6 +319,7 @@ def _records(out, block, attribute, k, outcome, base, base_paths, seconds, model
         save_png(out / path, outcome.images[i])
         flipped = outcome.flipped[i] and (dominant[i] if joint else True)
         base_pred, final_pred = int(base.pred[i]), int(outcome.final_pred[i])
+        status = models.criterion.skip_reason(base_pred) or outcome.status[i]
         record = {
             "key": item_key(seed, attribute),
             "seed": seed,
@@ -346,7 +347,7 @@ def _records(out, block, attribute, k, outcome, base, base_paths, seconds, model
             "counterfactual_image": path,
             "seconds": round(seconds, 6),
             "unet_calls": int(outcome.unet_calls[i]),
-            "status": outcome.status[i],
+            "status": status,
         }
         if joint:
             record["share"] = round(share[i], 6)

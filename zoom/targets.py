@@ -19,7 +19,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .errors import ZoomError, looks_like_path
+from .errors import ZoomError, load_failure, looks_like_path
 
 SPEC_KINDS = ("torchvision", "timm", "hf", "torchscript", "python")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -105,8 +105,7 @@ def load_target(spec, *, trust_remote_code: bool = False, device="cpu") -> Targe
     except ZoomError:
         raise
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ZoomError(f"target.spec {spec!r} cannot be loaded: {reason[:300]}") from e
+        raise load_failure("target.spec", spec, e) from e
     target.spec = spec
     return target.to(device)
 
