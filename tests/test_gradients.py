@@ -37,7 +37,7 @@ def test_loss_gradients_reach_alpha_and_delta_only(demo_models, demo_config):
     alpha = torch.full((3, 1), 0.3, requires_grad=True)
     noise = demo_models.generator.initial_noise(seeds)
     delta = (0.01 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
-    _, _, loss = searcher.objective(base, torch.arange(3), _edit(demo_models), demo_models.generator.embed(DOMAIN),
+    _, _, _, loss = searcher.objective(base, torch.arange(3), _edit(demo_models), demo_models.generator.embed(DOMAIN),
                                     alpha, delta)
     assert loss.shape == (3,) and torch.isfinite(loss).all()
     loss.sum().backward()
@@ -59,7 +59,7 @@ def test_each_samples_gradient_is_its_own(demo_models, demo_config):
     for seeds in ([0, 1, 2], [1]):
         base = searcher.base(seeds, DOMAIN)
         alpha = torch.full((len(seeds), 1), 0.3, requires_grad=True)
-        _, _, loss = searcher.objective(base, torch.arange(len(seeds)), edit, embeds, alpha, None)
+        _, _, _, loss = searcher.objective(base, torch.arange(len(seeds)), edit, embeds, alpha, None)
         loss.sum().backward()
         grads.append(alpha.grad)
     assert torch.allclose(grads[0][1], grads[1][0], rtol=2e-2, atol=1e-5)

@@ -98,11 +98,13 @@ def demo(out):
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default: runs/audit-DATE-TIME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished items.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow hf: targets to run code from their repository.")
-def audit(config_path, target, prompts, samples, mode, precision, out, resume, trust_remote_code):
+@click.option("--num-processes", type=click.IntRange(min=1), default=1,
+              help="Run on K processes (one per GPU) through `accelerate launch`.")
+def audit(config_path, target, prompts, samples, mode, precision, out, resume, trust_remote_code, num_processes):
     """Audit a target model's sensitivity to the attributes of a prompt set."""
     from .config import load_config
     from .report import summary_table
-    from .runner import run_audit
+    from .runner import prepare_run_dir, run_audit
 
     if resume and not out:
         raise ZoomError("--resume needs --out RUN_DIR: the run directory to continue")
@@ -111,10 +113,34 @@ def audit(config_path, target, prompts, samples, mode, precision, out, resume, t
     config = load_config(config_path, overrides)
     _quiet_libraries()
     out = out or os.path.join("runs", _default_out("audit"))
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        prepare_run_dir(out, config, resume)  # bad input fails here, once, before K processes start
+        args = ["audit", "--config", config_path, "--out", out]
+        for flag, value in [("--target", target), ("--prompts", prompts), ("--samples", samples),
+                            ("--mode", mode), ("--precision", precision)]:
+            if value is not None:
+                args += [flag, str(value)]
+        args += ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
+        sys.exit(_launch(num_processes, config, args))
     report = run_audit(config, out, resume=resume)
     if report is not None:
         click.echo(summary_table(report))
         click.echo(f"report: {Path(out).resolve() / 'report.json'}")
+
+
+def _launch(num_processes: int, config, args: list[str]) -> int:
+    """Re-run this audit as K processes through accelerate's launcher; returns its exit code."""
+    import subprocess
+
+    import torch
+
+    env = dict(os.environ)
+    if config.device == "cpu" or not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # without it each CPU process would believe it is alone
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "zoom", *args]
+    return subprocess.run(command, env=env).returncode
 
 
 @main.command()

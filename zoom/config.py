@@ -32,6 +32,8 @@ class GeneratorConfig:
     steps: int = 1
     guidance_scale: float = 0.0
     resolution: typing.Optional[int] = 512  # None: the model's native size
+    loop_decoder: typing.Optional[str] = None  # AutoencoderTiny (TAESD) id/folder for images inside the loop
+    gradient_checkpointing: bool = False  # UNet and decoders: less memory, more time
 
 
 @dataclass
@@ -178,6 +180,10 @@ def _resolve_paths(c: Config, base_dir: str) -> None:
     c.generator.model = _expand(c.generator.model)
     if looks_like_path(c.generator.model):
         c.generator.model = _resolve_path(c.generator.model, base_dir)
+    if c.generator.loop_decoder:
+        c.generator.loop_decoder = _expand(c.generator.loop_decoder)
+        if looks_like_path(c.generator.loop_decoder):
+            c.generator.loop_decoder = _resolve_path(c.generator.loop_decoder, base_dir)
     for clip in (c.guide, c.judge):
         if clip.model.startswith("local-dir:"):
             clip.model = "local-dir:" + _resolve_path(clip.model[len("local-dir:"):], base_dir)

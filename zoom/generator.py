@@ -13,6 +13,7 @@ seed, whatever the batch size (tests/test_equivalence.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,9 +22,13 @@ from .errors import ZoomError, load_failure, looks_like_path
 
 
 class Generator:
-    def __init__(self, pipe, *, steps: int, guidance_scale: float, resolution: int, device="cpu"):
+    def __init__(self, pipe, *, steps: int, guidance_scale: float, resolution: int, device="cpu",
+                 loop_decoder=None, gradient_checkpointing: bool = False):
         self.pipe = pipe
         self.unet, self.vae, self.scheduler = pipe.unet, pipe.vae, pipe.scheduler
+        # A fast decoder (diffusers' AutoencoderTiny, TAESD) for images inside the search loop;
+        # saved images and the final flip check always use the full VAE.
+        self.loop_decoder = loop_decoder
         self.steps = steps
         self.guidance_scale = guidance_scale
         self.resolution = resolution
@@ -35,12 +40,18 @@ class Generator:
                 f"{self.vae_scale_factor}"
             )
         self._embeds: dict[str, torch.Tensor] = {}
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False).eval().to(self.device)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, loop_decoder):
+            if module is not None:
+                module.requires_grad_(False).eval().to(self.device)
+        if gradient_checkpointing:  # recompute activations in backward: less memory, ~30% more time
+            for module in (self.unet, self.vae, loop_decoder):
+                if module is not None:
+                    module.enable_gradient_checkpointing()
 
     @classmethod
     def from_pretrained(cls, model: str, *, revision: str | None = None, steps: int = 1,
-                        guidance_scale: float = 0.0, resolution: int | None = None, device="cpu"):
+                        guidance_scale: float = 0.0, resolution: int | None = None, device="cpu",
+                        loop_decoder: str | None = None, gradient_checkpointing: bool = False):
         """Load a Stable-Diffusion-family pipeline (hub id or local folder) with diffusers."""
         from diffusers import StableDiffusionPipeline
 
@@ -63,7 +74,18 @@ class Generator:
         pipe.set_progress_bar_config(disable=True)
         if resolution is None:
             resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        return cls(pipe, steps=steps, guidance_scale=guidance_scale, resolution=resolution, device=device)
+        tiny_decoder = None
+        if loop_decoder:
+            from diffusers import AutoencoderTiny
+
+            if looks_like_path(loop_decoder) and not os.path.isdir(os.path.expanduser(loop_decoder)):
+                raise ZoomError(f"generator.loop_decoder: folder {loop_decoder!r} does not exist")
+            try:
+                tiny_decoder = AutoencoderTiny.from_pretrained(os.path.expanduser(loop_decoder))
+            except Exception as e:
+                raise load_failure("generator.loop_decoder", loop_decoder, e) from e
+        return cls(pipe, steps=steps, guidance_scale=guidance_scale, resolution=resolution, device=device,
+                   loop_decoder=tiny_decoder, gradient_checkpointing=gradient_checkpointing)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -114,8 +136,14 @@ class Generator:
         return latents
 
     # 5. Decode to RGB in [0, 1], as the pipeline's image processor does for output_type="pt".
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+    def decode(self, latents: torch.Tensor, in_loop: bool = False) -> torch.Tensor:
+        """Full VAE (or, in_loop with a loop decoder, TAESD). The SD VAE overflows to NaN/black in
+        fp16, so under fp16 autocast it decodes in fp32."""
+        decoder = self.loop_decoder if in_loop and self.loop_decoder is not None else self.vae
+        fp16 = torch.is_autocast_enabled(self.device.type) and \
+            torch.get_autocast_dtype(self.device.type) == torch.float16
+        with torch.autocast(self.device.type, enabled=False) if fp16 else contextlib.nullcontext():
+            image = decoder.decode(latents.float() / decoder.config.scaling_factor, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def images(self, seeds, cond: torch.Tensor, latent_delta: torch.Tensor | None = None) -> torch.Tensor:

@@ -168,7 +168,8 @@ def load_models(config: Config, device) -> Models:
     g = config.generator
     generator = Generator.from_pretrained(g.model, revision=g.revision, steps=g.steps,
                                           guidance_scale=g.guidance_scale, resolution=g.resolution,
-                                          device=device)
+                                          device=device, loop_decoder=g.loop_decoder,
+                                          gradient_checkpointing=g.gradient_checkpointing)
     guide = Clip.load(config.guide.model, config.guide.pretrained, device)
     judge = Clip.load(config.judge.model, config.judge.pretrained, device)
     target = load_target(config.target.spec, trust_remote_code=config.target.trust_remote_code, device=device)
@@ -202,29 +203,111 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     from accelerate import PartialState
 
     from .report import write_report
-    from .search import Edit, Searcher, random_direction, strength
 
-    state = PartialState()
+    # On CPU, processes join through gloo only when accelerate is told so (cpu=True).
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    refuse_lonely_ranks(state)
     rank, world = state.process_index, state.num_processes
     out = Path(out_dir)
     resolved = prepare_run_dir(out, config, resume)
     device = pick_device(config, state)
     models = models or load_models(config, device)
     prompts = load_prompts(config.prompts)
-    s = config.search
+    state.wait_for_everyone()  # every rank has checked out_dir before the main process creates it
 
-    # 1. The run directory: only the main process creates it and writes config.yaml / run.json.
+    # 1. The run directory: only the main process creates it, locks it, writes config.yaml / run.json.
+    lock = None
     if state.is_main_process:
-        (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out)
+        (out / RECORDS_DIR).mkdir(exist_ok=True)
         if not (out / "config.yaml").exists():
-            atomic_write(out / "config.yaml", dump_config(resolved))
             atomic_write(out / "run.json", json.dumps(run_info(config, models, device, world), indent=1))
+            atomic_write(out / "config.yaml", dump_config(resolved))  # last: marks the run as started
     state.wait_for_everyone()
+    try:
+        # 2. This rank's blocks of seeds, minus the items already on disk.
+        edits = make_edits(models, prompts, config.search.seed)
+        s = config.search
+        seeds = list(range(s.seed, s.seed + s.samples))
+        blocks = [seeds[i:i + s.batch_size] for i in range(0, len(seeds), s.batch_size)]
+        mine = [b for i, b in enumerate(blocks) if i % world == rank]
+        done = {r["key"] for r in read_records(out)} if resume else set()
+        bar = _progress(sum(len(b) for b in mine) * len(edits), enabled=progress and state.is_main_process)
+        writer = RecordWriter(out / RECORDS_DIR / f"rank-{rank}.jsonl")
+        try:
+            for block in mine:
+                todo = [(a, e) for a, e in edits if any(item_key(seed, a) not in done for seed in block)]
+                bar.update(len(block) * (len(edits) - len(todo)))
+                for records in search_block(out, block, todo, edits, models, prompts, config):
+                    fresh = [r for r in records if r["key"] not in done]  # (an OOM retry may repeat some)
+                    writer.write(fresh)
+                    done.update(r["key"] for r in fresh)
+                    bar.update(len(fresh))
+        finally:
+            writer.close()
+            bar.close()
+        _write_rank_meta(out, rank, device)
 
-    # 2. Edits: one direction per attribute, plus the null control.
+        # 3. The report, from every rank's records.
+        state.wait_for_everyone()
+        return write_report(out) if state.is_main_process else None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def refuse_lonely_ranks(state) -> None:
+    """A launcher started several processes but torch.distributed did not join them (on a CPU-only
+    machine without ACCELERATE_USE_CPU=1): each would silently do all the work."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and state.num_processes != launched:
+        raise ZoomError(
+            f"launched as {launched} processes, but this one sees {state.num_processes}: each would do all the "
+            "work. Without a GPU, run: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "
+            f"{launched} --num_machines 1 --mixed_precision no --dynamo_backend no -m zoom audit ..."
+        )
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the main process while it writes there.
+
+    fcntl locks die with their process, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = Path(run_dir) / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ZoomError(f"run directory {str(run_dir)!r} is in use by another zoom process (pid {holder}); "
+                            "wait for it to finish, or choose another --out") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self):
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+def make_edits(models: Models, prompts, seed: int) -> list:
+    """One direction per attribute, then the null control (a paraphrase, or a random direction)."""
+    from .search import Edit, random_direction
+
     gen, guide = models.generator, models.guide
     domain_embeds = gen.embed(prompts.domain)
-    edits: list[tuple[Attribute, Edit]] = []
+    edits = []
     for a in prompts.attributes:
         direction = gen.embed(a.prompt) - domain_embeds
         edits.append((a, Edit([a.name], direction, guide.text_direction(prompts.domain, a.prompt)[None])))
@@ -235,60 +318,56 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     else:  # a random direction with the median attribute direction's norm; no CLIP term
         norm = float(torch.stack([e.directions.norm() for _, e in edits]).median())
         null_attr = Attribute(NULL_NAME, "(random direction)", NULL_NAME)
-        null_edit = Edit([NULL_NAME], random_direction(domain_embeds, norm, seed=s.seed), None)
-    edits.append((null_attr, null_edit))
+        null_edit = Edit([NULL_NAME], random_direction(domain_embeds, norm, seed=seed), None)
+    return edits + [(null_attr, null_edit)]
 
-    # 3. Work: blocks of seeds, dealt to ranks by index; finished keys are skipped.
-    seeds = list(range(s.seed, s.seed + s.samples))
-    blocks = [seeds[i:i + s.batch_size] for i in range(0, len(seeds), s.batch_size)]
-    mine = [b for i, b in enumerate(blocks) if i % world == rank]
-    done = {r["key"] for r in read_records(out)} if resume else set()
-    writer = RecordWriter(out / RECORDS_DIR / f"rank-{rank}.jsonl")
-    searcher = Searcher(gen, guide, models.target, models.criterion, s, config.precision)
-    bar = _progress(sum(len(b) for b in mine) * len(edits), enabled=progress and state.is_main_process)
+
+def search_block(out: Path, block: list[int], todo: list, edits: list, models: Models, prompts, config):
+    """Yield the records of one block of seeds, one batch per attribute (joint: one for all).
+
+    A CUDA out-of-memory error halves the block and retries; every number depends only on the
+    item's seed and attribute, so the records are the same as with the full batch.
+    """
+    from .search import Edit, Searcher, strength
+
+    if not todo:
+        return
     try:
-        for block in mine:
-            todo = [(a, e) for a, e in edits if any(item_key(seed, a) not in done for seed in block)]
-            bar.update(len(block) * (len(edits) - len(todo)))
-            if not todo:
-                continue
-            base = searcher.base(block, prompts.domain)
-            base_paths = [f"{IMAGES_DIR}/base/seed-{seed}.png" for seed in block]
-            for path, image in zip(base_paths, base.images):
-                if not (out / path).exists():
-                    save_png(out / path, image)
-            if s.mode == "joint":
-                todo = edits  # one joint search per seed covers every attribute
-                joint = Edit([a.name for a, _ in edits], torch.cat([e.directions for _, e in edits]),
-                             None if null_edit.text_dirs is None else torch.cat([e.text_dirs for _, e in edits]))
-                start = time.perf_counter()
-                outcome = searcher.optimise(base, joint, prompts.domain, s.edit_space)
-                seconds = (time.perf_counter() - start) / len(block)
-                records = []
-                for k, (a, e) in enumerate(edits):
-                    records += _records(out, block, a, k, outcome, base, base_paths, seconds, models,
-                                        prompts.domain, config, strength, joint=True)
-            else:
-                records = []
-                for a, e in todo:
-                    start = time.perf_counter()
-                    outcome = (searcher.sweep(base, e, prompts.domain) if s.mode == "sweep"
-                               else searcher.optimise(base, e, prompts.domain, s.edit_space))
-                    seconds = (time.perf_counter() - start) / len(block)
-                    records += _records(out, block, a, 0, outcome, base, base_paths, seconds, models,
-                                        prompts.domain, config, strength)
-                    bar.update(len(block))
-            writer.write([r for r in records if r["key"] not in done])
-            if s.mode == "joint":
-                bar.update(len(block) * len(edits))
-    finally:
-        writer.close()
-        bar.close()
-    _write_rank_meta(out, rank, device)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        return write_report(out)
-    return None
+        searcher = Searcher(models.generator, models.guide, models.target, models.criterion, config.search,
+                            config.precision)
+        base = searcher.base(block, prompts.domain)
+        base_paths = [f"{IMAGES_DIR}/base/seed-{seed}.png" for seed in block]
+        for path, image in zip(base_paths, base.images):
+            if not (out / path).exists():
+                save_png(out / path, image)
+        s = config.search
+        if s.mode == "joint":  # one joint search per seed covers every attribute
+            joint = Edit([a.name for a, _ in edits], torch.cat([e.directions for _, e in edits]),
+                         None if edits[-1][1].text_dirs is None else torch.cat([e.text_dirs for _, e in edits]))
+            start = time.perf_counter()
+            outcome = searcher.optimise(base, joint, prompts.domain, s.edit_space)
+            seconds = (time.perf_counter() - start) / len(block)
+            records = []
+            for k, (a, _) in enumerate(edits):
+                records += _records(out, block, a, k, outcome, base, base_paths, seconds, models,
+                                    prompts.domain, config, strength, joint=True)
+            yield records
+            return
+        for a, e in todo:
+            start = time.perf_counter()
+            outcome = (searcher.sweep(base, e, prompts.domain) if s.mode == "sweep"
+                       else searcher.optimise(base, e, prompts.domain, s.edit_space))
+            seconds = (time.perf_counter() - start) / len(block)
+            yield _records(out, block, a, 0, outcome, base, base_paths, seconds, models, prompts.domain,
+                           config, strength)
+    except torch.cuda.OutOfMemoryError:
+        if len(block) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(block) // 2
+        print(f"zoom: out of memory with {len(block)} seeds per batch; retrying with {half}", file=sys.stderr)
+        for part in (block[:half], block[half:]):
+            yield from search_block(out, part, todo, edits, models, prompts, config)
 
 
 def item_key(seed: int, attribute: Attribute) -> str:

@@ -80,24 +80,37 @@ class Searcher:
         return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.precision])
 
     def _render(self, seeds, alpha, edit: Edit, domain_embeds, delta=None):
-        """Images for per-sample weights alpha [b, K] (and latent residual delta) -> (images, logits)."""
+        """Per-sample weights alpha [b, K] (and latent residual delta) -> (latents, loop images, logits)."""
         cond = domain_embeds + torch.einsum("bk,ktd->btd", alpha, edit.directions)
         with self.autocast():
-            images = self.generator.images(seeds, cond, delta)
+            latents = self.generator.sample_latents(seeds, cond, delta)
+            images = self.generator.decode(latents, in_loop=True)
             logits = self.target(images)
-        return images.float(), logits.float()
+        return latents, images.float(), logits.float()
+
+    def _confirm_with_full_vae(self, outcome: "Outcome", latents: torch.Tensor, base: "Base") -> None:
+        """With a fast loop decoder, the verdict and the saved image come from the full VAE."""
+        with torch.no_grad(), self.autocast():
+            images = self.generator.decode(latents)
+            logits = self.target(images).float()
+        margin = self.criterion.margin(logits, base.pred)
+        outcome.images = images.float()
+        outcome.flipped = [bool(f) and bool(m < 0) for f, m in zip(outcome.flipped, margin)]
+        outcome.final_pred = self.criterion.decision(logits).tolist()
+        outcome.final_prob = self.criterion.base_prob(logits, base.pred).tolist()
 
     # -----------------------------------------------------------------------------------------
     def base(self, seeds, domain: str) -> Base:
         embeds = self.generator.embed(domain)
-        with torch.no_grad():
-            zero = torch.zeros(len(seeds), 1, device=self.device)
-            dummy = Edit([], torch.zeros(1, *embeds.shape[1:], device=self.device), None)
-            images, logits = self._render(seeds, zero, dummy, embeds)
+        with torch.no_grad(), self.autocast():
+            latents = self.generator.sample_latents(seeds, embeds.expand(len(seeds), -1, -1))
+            images = self.generator.decode(latents).float()
+            logits = self.target(images).float()
             pred = self.criterion.decision(logits)
             prob = self.criterion.base_prob(logits, pred)
-            with self.autocast():
-                guide_emb = self.guide.embed_images(images).float()
+            # The CLIP change is measured between images from the same decoder as in the loop.
+            loop_images = self.generator.decode(latents, in_loop=True) if self.generator.loop_decoder else images
+            guide_emb = self.guide.embed_images(loop_images).float()
             noise_norm = self.generator.initial_noise(seeds).flatten(1).norm(dim=1)
         return Base(list(seeds), images, pred, prob, guide_emb, noise_norm)
 
@@ -110,7 +123,7 @@ class Searcher:
         """
         cfg = self.cfg
         seeds = [base.seeds[i] for i in idx.tolist()]
-        images, logits = self._render(seeds, alpha, edit, embeds, delta)
+        latents, images, logits = self._render(seeds, alpha, edit, embeds, delta)
         loss = torch.relu(self.criterion.margin(logits, base.pred[idx]) + cfg.kappa)
         if cfg.lambda_clip and edit.text_dirs is not None:
             with self.autocast():
@@ -124,7 +137,7 @@ class Searcher:
             loss = loss + cfg.lambda_alpha * alpha.abs().sum(-1)
         if delta is not None:
             loss = loss + cfg.lambda_delta * delta.flatten(1).norm(dim=1) / base.noise_norm[idx]
-        return images, logits, loss
+        return latents, images, logits, loss
 
     def optimise(self, base: Base, edit: Edit, domain: str, edit_space: str, item_seeds=None) -> Outcome:
         """Adam on the edit parameters, per-sample early stop at the first flip."""
@@ -149,7 +162,8 @@ class Searcher:
             delta = delta * (DELTA_INIT * base.noise_norm / delta.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
             delta.requires_grad_(True)
             params.append(delta)
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)  # edit parameters and Adam state stay fp32
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         flipped = [False] * B
@@ -159,6 +173,7 @@ class Searcher:
         final_prob = base.prob.tolist()
         status = ["ok"] * B
         images_out = base.images.clone()
+        latents_out = None
         alpha_out = alpha.detach().clone()
         delta_out = torch.zeros(B)
         per_eval_calls = self.generator.steps
@@ -169,7 +184,9 @@ class Searcher:
                 break
             a = alpha[active]
             d = delta[active] if delta is not None else None
-            images, logits, loss = self.objective(base, active, edit, embeds, a, d, use_text)
+            latents, images, logits, loss = self.objective(base, active, edit, embeds, a, d, use_text)
+            if latents_out is None:
+                latents_out = torch.zeros((B, *latents.shape[1:]), device=self.device)
             margin = self.criterion.margin(logits, base.pred[active]).detach()
             pred = self.criterion.decision(logits)
             prob = self.criterion.base_prob(logits, base.pred[active]).detach()
@@ -185,6 +202,7 @@ class Searcher:
                     final_pred[i] = int(pred[j])
                     final_prob[i] = float(prob[j])
                     images_out[i] = images[j].detach()
+                    latents_out[i] = latents[j].detach().float()
                     alpha_out[i] = a[j].detach()
                     if d is not None:
                         delta_out[i] = float(d[j].detach().norm() / base.noise_norm[i])
@@ -207,8 +225,9 @@ class Searcher:
             frozen_alpha = alpha.detach().clone()
             frozen_delta = delta.detach().clone() if delta is not None else None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # loss scaling only under fp16 (a no-op otherwise)
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():
                 if use_text:
                     alpha.clamp_(-cfg.alpha_max, cfg.alpha_max)
@@ -219,8 +238,11 @@ class Searcher:
                     delta.mul_(scale.view(-1, 1, 1, 1))
                     delta[done] = frozen_delta[done]
 
-        return Outcome(flipped, steps, alpha_out, delta_out.tolist(), final_pred, final_prob,
-                       images_out, calls, status)
+        outcome = Outcome(flipped, steps, alpha_out, delta_out.tolist(), final_pred, final_prob,
+                          images_out, calls, status)
+        if self.generator.loop_decoder is not None and latents_out is not None:
+            self._confirm_with_full_vae(outcome, latents_out, base)
+        return outcome
 
     # -----------------------------------------------------------------------------------------
     def sweep(self, base: Base, edit: Edit, domain: str) -> Outcome:
@@ -238,7 +260,10 @@ class Searcher:
             for gi in order:
                 value = grid[gi]
                 alpha = torch.full((B, 1), value, device=self.device)
-                images, logits = self._render(base.seeds, alpha, edit, embeds)
+                with self.autocast():  # sweeps judge with the full VAE: no gradients to save
+                    latents = self.generator.sample_latents(base.seeds, embeds + alpha[:, :, None] * edit.directions)
+                    images = self.generator.decode(latents).float()
+                    logits = self.target(images).float()
                 pred = self.criterion.decision(logits)
                 prob = self.criterion.base_prob(logits, base.pred)
                 is_flip = self.criterion.margin(logits, base.pred) < 0

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 # Bump when any tiny model changes, so stale caches are not reused.
-TINY_VERSION = 2
+TINY_VERSION = 3
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 
@@ -69,7 +69,7 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 def _build_sd(folder: Path) -> None:
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     shape = _shape("tiny_sd.json")
@@ -92,6 +92,8 @@ def _build_sd(folder: Path) -> None:
     )
     pipe.save_pretrained(folder / "sd", safe_serialization=True)
     shutil.rmtree(folder / "_tokenizer")
+    torch.manual_seed(6)
+    AutoencoderTiny(**shape["taesd"]).save_pretrained(folder / "taesd", safe_serialization=True)
 
 
 def _build_open_clip(folder: Path, shape_file: str, seed: int) -> None:
@@ -123,9 +125,10 @@ def _build_target(folder: Path) -> None:
 
 
 def build_tiny_models(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Build (once) and return the folders of the tiny models: sd, guide, judge, target."""
+    """Build (once) and return the folders of the tiny models: sd, taesd, guide, judge, target."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    paths = {"sd": root / "sd", "guide": root / "guide", "judge": root / "judge", "target": root / "target"}
+    paths = {"sd": root / "sd", "taesd": root / "taesd", "guide": root / "guide", "judge": root / "judge",
+             "target": root / "target"}
     if (root / "COMPLETE").exists():
         return paths
     root.parent.mkdir(parents=True, exist_ok=True)
