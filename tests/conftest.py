@@ -67,3 +67,11 @@ def demo_models(demo_config):
     from zoom.runner import load_models
 
     return load_models(demo_config, "cpu")
+
+
+@pytest.fixture(scope="session")
+def calibration(tiny):
+    """Mean image changes of the demo prompts, from the diffusers pipeline (see tests/planted.py)."""
+    from planted import calibrate
+
+    return calibrate(tiny["sd"])

@@ -66,12 +66,12 @@ class Clip:
         return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        missing = [t for t in texts if t not in self._text_cache]
-        if missing:
-            with torch.no_grad():  # texts are fixed: their embeddings are constants of the search
-                tokens = self.tokenizer(missing).to(self.device)
-                feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            self._text_cache.update(zip(missing, feats))
+        for text in texts:
+            if text not in self._text_cache:
+                # One text per call: an embedding must not depend on which texts were cached before.
+                with torch.no_grad():  # texts are fixed: their embeddings are constants of the search
+                    tokens = self.tokenizer([text]).to(self.device)
+                    self._text_cache[text] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0]
         return torch.stack([self._text_cache[t] for t in texts])
 
     def text_direction(self, source: str, target: str) -> torch.Tensor:

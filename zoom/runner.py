@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -414,14 +415,14 @@ def _records(out, block, attribute, k, outcome, base, base_paths, seconds, model
             "final_label": target.label(final_pred),
             "flipped": bool(flipped),
             "steps": int(outcome.steps[i]),
-            "alpha": round(float(alpha[i]), 6),
-            "delta_rel": round(float(outcome.delta_rel[i]), 6),
-            "strength": round(strength_fn(alpha[i:i + 1] if not joint else outcome.alpha[i, k:k + 1],
-                                          outcome.delta_rel[i], s.edit_space), 6),
-            "base_prob": float(base.prob[i]),
-            "final_prob": float(outcome.final_prob[i]),
+            "alpha": _finite(alpha[i], 6),
+            "delta_rel": _finite(outcome.delta_rel[i], 6),
+            "strength": _finite(strength_fn(alpha[i:i + 1] if not joint else outcome.alpha[i, k:k + 1],
+                                            outcome.delta_rel[i], s.edit_space), 6),
+            "base_prob": _finite(base.prob[i]),
+            "final_prob": _finite(outcome.final_prob[i]),
             "validity": validity[i],
-            "validity_score": validity_score[i],
+            "validity_score": _finite(validity_score[i]),
             "base_image": base_paths[i],
             "counterfactual_image": path,
             "seconds": round(seconds, 6),
@@ -435,6 +436,16 @@ def _records(out, block, attribute, k, outcome, base, base_paths, seconds, model
             record["curve"] = outcome.curves[i]
         records.append(record)
     return records
+
+
+def _finite(x, digits: int | None = None):
+    """A JSON-safe number: NaN/inf (a failed item's outputs) become null."""
+    if x is None:
+        return None
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    return round(x, digits) if digits is not None else x
 
 
 def run_info(config: Config, models: Models, device, world: int) -> dict:

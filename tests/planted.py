@@ -1,0 +1,86 @@
+"""Targets whose true sensitivity is known by construction, for tests of the statistics end to end.
+
+They are built from the generator's behaviour as the diffusers pipeline itself shows it, not from
+zoom's internals: on calibration seeds (disjoint from the audits'), render the domain prompt and each
+prompt's edited conditioning with StableDiffusionPipeline, take every prompt's mean image change, and
+read the image out along
+
+- planted: attribute A's mean change with every other prompt's mean change projected out, so only A
+  moves the readout on average (the tiny random models change images in correlated ways, cosines up
+  to ~0.7 between unrelated prompts, hence the projection);
+- blind: a random direction orthogonal to every prompt's mean change, so no attribute moves it.
+
+The readout is a two-class classifier, logits [0, k (s - tau)].
+"""
+
+import torch
+from torch import nn
+
+DOMAIN = "a photo of a person's face"
+PROMPTS = {
+    "eyeglasses": "a photo of a person's face wearing eyeglasses",
+    "smile": "a photo of a smiling person's face",
+    "beard": "a photo of a person's face with a beard",
+    "hat": "a photo of a person's face wearing a hat",
+    "null": "a picture of a person's face",
+}  # the attributes and null of configs/demo.yaml
+PLANTED = "smile"
+CALIBRATION_SEEDS = range(1000, 1032)
+
+
+class Readout(nn.Module):
+    def __init__(self, direction, center, tau: float, scale: float):
+        super().__init__()
+        self.register_buffer("direction", direction)
+        self.register_buffer("center", center)
+        self.tau, self.scale = tau, scale
+
+    def forward(self, images):
+        s = (images.flatten(1) - self.center) @ self.direction
+        logit = self.scale * (s - self.tau)
+        return torch.stack([torch.zeros_like(logit), logit], -1)
+
+
+def calibrate(sd_folder):
+    """(base images [N, P], {name: mean image change [P]}) from the diffusers pipeline itself."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    embed = {p: pipe.encode_prompt(p, "cpu", 1, False)[0] for p in [DOMAIN, *PROMPTS.values()]}
+
+    def render(embeds):
+        n = len(CALIBRATION_SEEDS)
+        return pipe(prompt_embeds=embeds.expand(n, -1, -1), num_inference_steps=1, guidance_scale=0.0,
+                    generator=[torch.Generator().manual_seed(s) for s in CALIBRATION_SEEDS], output_type="pt").images
+
+    base = render(embed[DOMAIN])
+    changes = {name: (render(embed[DOMAIN] + 1.5 * (embed[p] - embed[DOMAIN])) - base).mean(0).flatten()
+               for name, p in PROMPTS.items()}
+    return base.flatten(1), changes
+
+
+def _orthogonal_part(vector, others):
+    q, _ = torch.linalg.qr(torch.stack(others).T)
+    residual = vector - q @ (q.T @ vector)
+    return residual / residual.norm()
+
+
+def _readout(base, direction, tau_in_spreads):
+    center = base.mean(0)
+    spread = float(((base - center) @ direction).std())
+    return Readout(direction, center, tau=tau_in_spreads * spread, scale=4.0 / spread)
+
+
+def planted_readout(calibration, attribute=PLANTED):
+    """Flips only when pushed along `attribute`: most base images sit 2 spreads below the boundary."""
+    base, changes = calibration
+    direction = _orthogonal_part(changes[attribute], [v for k, v in changes.items() if k != attribute])
+    return _readout(base, direction, 2.0)
+
+
+def blind_readout(calibration):
+    """Ignores every attribute; the boundary at half a spread lets per-seed noise flip some images."""
+    base, changes = calibration
+    random = torch.randn(base.shape[1], generator=torch.Generator().manual_seed(0))
+    return _readout(base, _orthogonal_part(random, list(changes.values())), 0.5)
