@@ -10,11 +10,12 @@ read the image out along
   to ~0.7 between unrelated prompts, hence the projection);
 - blind: a random direction orthogonal to every prompt's mean change, so no attribute moves it.
 
-The readout is a two-class classifier, logits [0, k (s - tau)].
+The readout is zoom.targets.DirectionReadout: two classes, logits [0, k (s - tau)].
 """
 
 import torch
-from torch import nn
+
+from zoom.targets import DirectionReadout
 
 DOMAIN = "a photo of a person's face"
 PROMPTS = {
@@ -26,19 +27,6 @@ PROMPTS = {
 }  # the attributes and null of configs/demo.yaml
 PLANTED = "smile"
 CALIBRATION_SEEDS = range(1000, 1032)
-
-
-class Readout(nn.Module):
-    def __init__(self, direction, center, tau: float, scale: float):
-        super().__init__()
-        self.register_buffer("direction", direction)
-        self.register_buffer("center", center)
-        self.tau, self.scale = tau, scale
-
-    def forward(self, images):
-        s = (images.flatten(1) - self.center) @ self.direction
-        logit = self.scale * (s - self.tau)
-        return torch.stack([torch.zeros_like(logit), logit], -1)
 
 
 def calibrate(sd_folder):
@@ -69,7 +57,7 @@ def _orthogonal_part(vector, others):
 def _readout(base, direction, tau_in_spreads):
     center = base.mean(0)
     spread = float(((base - center) @ direction).std())
-    return Readout(direction, center, tau=tau_in_spreads * spread, scale=4.0 / spread)
+    return DirectionReadout(direction, center, tau=tau_in_spreads * spread, scale=4.0 / spread)
 
 
 def planted_readout(calibration, attribute=PLANTED):

@@ -151,3 +151,16 @@ def test_resume_refuses_a_different_config(tmp_path, tiny):
     assert result.exit_code == 2
     assert "differs" in result.stderr and "search" in result.stderr
     assert (out / "records" / "rank-0.jsonl").read_text() == before
+
+
+def test_python_api_audits_an_in_memory_module(tmp_path, tiny, calibration):
+    import zoom
+    from planted import PLANTED, planted_readout
+
+    report = zoom.audit(str(Path(__file__).parents[1] / "configs" / "demo.yaml"), tmp_path / "run",
+                        target=planted_readout(calibration), samples=8, progress=False)
+    assert report["attributes"][0]["name"] == PLANTED
+    assert report["run"]["config"]["target"]["spec"] == "python:(in-memory module)"
+    with pytest.raises(zoom.ZoomError, match="already exists"):
+        zoom.audit(str(Path(__file__).parents[1] / "configs" / "demo.yaml"), tmp_path / "run",
+                   target=planted_readout(calibration), samples=8)

@@ -111,23 +111,8 @@ class NeverFlips:
         return None
 
 
-class PlantedReadout(torch.nn.Module):
-    """Two classes split by a readout along the attribute's mean image change (the null projected out)."""
-
-    def __init__(self, direction, center, tau, scale):
-        super().__init__()
-        self.register_buffer("direction", direction)
-        self.register_buffer("center", center)
-        self.tau, self.scale = tau, scale
-
-    def forward(self, images):
-        s = (images.flatten(1) - self.center) @ self.direction
-        logit = self.scale * (s - self.tau)
-        return torch.stack([torch.zeros_like(logit), logit], -1)
-
-
 def planted_target(generator, seeds):
-    from zoom.targets import Target
+    from zoom.targets import DirectionReadout, Target
 
     with torch.no_grad():
         dom = generator.embed(DOMAIN)
@@ -142,7 +127,7 @@ def planted_target(generator, seeds):
         direction = direction / direction.norm()
         center = base.mean(0)
         spread = float(((base - center) @ direction).std().clamp_min(1e-6))
-    return Target(PlantedReadout(direction, center, 2.0 * spread, 4.0 / spread))
+    return Target(DirectionReadout(direction, center, 2.0 * spread, 4.0 / spread))
 
 
 def bare_step_times(models, seeds, precision, device):

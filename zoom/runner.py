@@ -6,7 +6,7 @@ Blocks are dealt to processes by index (block i -> rank i % K), never by padding
 number an item produces depends only on its seed and attribute, so results do not depend on K.
 
 Each rank appends one JSON line per finished item to records/rank-R.jsonl, flushed and fsynced
-after every block, after the item's PNGs are on disk; `--resume` skips the keys already there
+after every batch, once the batch's PNGs are on disk; `--resume` skips the keys already there
 and tolerates a torn last line. Only the main process writes config.yaml, run.json and the report.
 """
 
@@ -160,8 +160,11 @@ def pick_device(config: Config, state=None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_models(config: Config, device) -> Models:
-    """Load every model the audit needs; any failure is a ZoomError raised before output is written."""
+def load_models(config: Config, device, target=None) -> Models:
+    """Load every model the audit needs; any failure is a ZoomError raised before output is written.
+
+    `target` (an nn.Module) replaces config.target.spec: the Python API's way to audit a model in memory.
+    """
     from .generator import Generator
     from .guide import Clip
     from .targets import load_target, make_criterion
@@ -173,7 +176,8 @@ def load_models(config: Config, device) -> Models:
                                           gradient_checkpointing=g.gradient_checkpointing)
     guide = Clip.load(config.guide.model, config.guide.pretrained, device)
     judge = Clip.load(config.judge.model, config.judge.pretrained, device)
-    target = load_target(config.target.spec, trust_remote_code=config.target.trust_remote_code, device=device)
+    target = load_target(target if target is not None else config.target.spec,
+                         trust_remote_code=config.target.trust_remote_code, device=device)
     criterion = make_criterion(config.target.task, config.target.label, config.target.target_class, target.labels)
     return Models(generator, guide, judge, target, criterion)
 

@@ -17,8 +17,7 @@ spaces `latent` / `both`) a residual `delta` on the initial noise with |delta| <
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +63,6 @@ class Outcome:
     unet_calls: list[int]
     status: list[str]
     curves: list[list] | None = None  # sweep: [[alpha, base_prob, pred], ...] per sample
-    extra: dict = field(default_factory=dict)
 
 
 class Searcher:
@@ -293,7 +291,3 @@ def random_direction(like: torch.Tensor, norm: float, seed: int) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(like.shape, generator=g).to(like.device)
     return v * (norm / v.norm())
-
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

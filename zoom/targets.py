@@ -72,6 +72,25 @@ class Target(nn.Module):
         return str(index)
 
 
+class DirectionReadout(nn.Module):
+    """A planted two-class model: logits [0, scale * (<image - center, direction> - tau)].
+
+    Its true sensitivity is known by construction (it sees only the image's component along
+    `direction`), which makes it the ground truth for checking an audit's statistics.
+    """
+
+    def __init__(self, direction: torch.Tensor, center: torch.Tensor, tau: float, scale: float):
+        super().__init__()
+        self.register_buffer("direction", direction)
+        self.register_buffer("center", center)
+        self.tau, self.scale = tau, scale
+
+    def forward(self, images):
+        s = (images.flatten(1) - self.center) @ self.direction
+        logit = self.scale * (s - self.tau)
+        return torch.stack([torch.zeros_like(logit), logit], -1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
 import json
 import math
@@ -143,7 +142,3 @@ def summary_table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
