@@ -6,7 +6,8 @@
 Prints one JSON line:
 - counterfactuals_per_s, steps_per_counterfactual, unet_calls_per_counterfactual (medians) from a
   single-mode search on a *planted* target (a readout along one attribute's mean image change, the
-  null's projected out) over --samples seeds, attribute and null;
+  null's projected out; the real target still runs, at weight 0, so its cost counts) over --samples
+  seeds, attribute and null;
 - time_split: the bare forward+backward time of generator (UNet sampling), decoder, guide and target,
   as shares of their sum;
 - overhead_ratio: the engine's step time (Searcher.optimise, nothing stopping early) over the bare
@@ -60,7 +61,7 @@ def tiny_models(device):
     return load_models(config, device), config.search, paths
 
 
-def full_size_models(device, loop_decoder: bool):
+def full_size_models(device, loop_decoder: bool, resolution: int | None = None):
     """sd-turbo-class UNet/VAE, ViT-B-32 open_clip and ResNet-50, random weights, built in memory."""
     import open_clip
     import torchvision
@@ -82,7 +83,7 @@ def full_size_models(device, loop_decoder: bool):
         tokenizer=tokenizer, unet=UNet2DConditionModel(**shape["unet"]),
         scheduler=EulerDiscreteScheduler(**shape["scheduler"]), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    generator = Generator(pipe, steps=1, guidance_scale=0.0, resolution=shape["resolution"], device=device,
+    generator = Generator(pipe, steps=1, guidance_scale=0.0, resolution=resolution or shape["resolution"], device=device,
                           loop_decoder=AutoencoderTiny(**shape["taesd"]) if loop_decoder else None)
     clip = open_clip.create_model(shape["guide"], pretrained=None)
     guide = Clip(clip, open_clip.get_tokenizer(shape["guide"]), device, name=shape["guide"])
@@ -111,7 +112,19 @@ class NeverFlips:
         return None
 
 
-def planted_target(generator, seeds):
+class WithTargetCost(torch.nn.Module):
+    """The planted readout's decisions at the real target's cost: the target runs, forward and backward,
+    but its logits enter with weight 0."""
+
+    def __init__(self, readout, target):
+        super().__init__()
+        self.readout, self.target = readout, target
+
+    def forward(self, images):
+        return self.readout(images) + 0 * self.target(images).sum(-1, keepdim=True)
+
+
+def planted_target(generator, seeds, real_target):
     from zoom.targets import DirectionReadout, Target
 
     with torch.no_grad():
@@ -127,7 +140,7 @@ def planted_target(generator, seeds):
         direction = direction / direction.norm()
         center = base.mean(0)
         spread = float(((base - center) @ direction).std().clamp_min(1e-6))
-    return Target(DirectionReadout(direction, center, 2.0 * spread, 4.0 / spread))
+    return Target(WithTargetCost(DirectionReadout(direction, center, 2.0 * spread, 4.0 / spread), real_target))
 
 
 def bare_step_times(models, seeds, precision, device):
@@ -207,6 +220,7 @@ def main():
     parser.add_argument("--timing-steps", type=int, default=5, help="optimiser steps in the overhead measurement")
     parser.add_argument("--loop-decoder", action="store_true", help="decode with TAESD inside the loop")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="full-size: image side (default 512)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
@@ -229,14 +243,15 @@ def main():
             models.generator.loop_decoder = AutoencoderTiny.from_pretrained(paths["taesd"]).to(device).eval()
             models.generator.loop_decoder.requires_grad_(False)
     else:
-        models, search, _ = full_size_models(device, args.loop_decoder)
+        models, search, _ = full_size_models(device, args.loop_decoder, args.resolution)
     batch = args.batch_size or search.batch_size
     search = dataclasses.replace(search, batch_size=batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     # 1. The planted speed run: attribute + null, early stop at the first flip, as an audit runs.
-    models.target = planted_target(models.generator, list(range(10_000, 10_000 + max(8, batch))))
+    real_target = models.target
+    models.target = planted_target(models.generator, list(range(10_000, 10_000 + max(8, batch))), real_target)
     models.criterion = __import__("zoom.targets", fromlist=["make_criterion"]).make_criterion("multiclass")
     prompts = load_prompts({"domain": DOMAIN, "attributes": [{"name": "smile", "prompt": ATTRIBUTE}], "null": NULL})
     edits = make_edits(models, prompts, seed=0)

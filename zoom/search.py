@@ -38,6 +38,7 @@ class Base:
     prob: torch.Tensor  # [B] probability of the base decision
     guide_emb: torch.Tensor  # [B, D] guide CLIP embedding
     noise_norm: torch.Tensor  # [B] norm of the initial noise (unit of the latent residual)
+    loop_pred: torch.Tensor  # [B] base decision on the loop decoder's image (= pred without one)
 
 
 @dataclass
@@ -107,10 +108,14 @@ class Searcher:
             pred = self.criterion.decision(logits)
             prob = self.criterion.base_prob(logits, pred)
             # The CLIP change is measured between images from the same decoder as in the loop.
-            loop_images = self.generator.decode(latents, in_loop=True) if self.generator.loop_decoder else images
+            loop_pred = pred
+            loop_images = images
+            if self.generator.loop_decoder is not None:
+                loop_images = self.generator.decode(latents, in_loop=True)
+                loop_pred = self.criterion.decision(self.target(loop_images).float())
             guide_emb = self.guide.embed_images(loop_images).float()
             noise_norm = self.generator.initial_noise(seeds).flatten(1).norm(dim=1)
-        return Base(list(seeds), images, pred, prob, guide_emb, noise_norm)
+        return Base(list(seeds), images, pred, prob, guide_emb, noise_norm, loop_pred)
 
     # -----------------------------------------------------------------------------------------
     def objective(self, base: Base, idx: torch.Tensor, edit: Edit, embeds, alpha, delta, use_text=True):
@@ -122,7 +127,8 @@ class Searcher:
         cfg = self.cfg
         seeds = [base.seeds[i] for i in idx.tolist()]
         latents, images, logits = self._render(seeds, alpha, edit, embeds, delta)
-        loss = torch.relu(self.criterion.margin(logits, base.pred[idx]) + cfg.kappa)
+        # In the loop, a flip is a change of the loop image's decision; the full VAE confirms it after.
+        loss = torch.relu(self.criterion.margin(logits, base.loop_pred[idx]) + cfg.kappa)
         if cfg.lambda_clip and edit.text_dirs is not None:
             with self.autocast():
                 emb = self.guide.embed_images(images).float()
@@ -185,7 +191,7 @@ class Searcher:
             latents, images, logits, loss = self.objective(base, active, edit, embeds, a, d, use_text)
             if latents_out is None:
                 latents_out = torch.zeros((B, *latents.shape[1:]), device=self.device)
-            margin = self.criterion.margin(logits, base.pred[active]).detach()
+            margin = self.criterion.margin(logits, base.loop_pred[active]).detach()
             pred = self.criterion.decision(logits)
             prob = self.criterion.base_prob(logits, base.pred[active]).detach()
             finite = torch.isfinite(margin)
