@@ -75,3 +75,27 @@ def calibration(tiny):
     from planted import calibrate
 
     return calibrate(tiny["sd"])
+
+
+@pytest.fixture(scope="session")
+def planted_config_path(tmp_path_factory, tiny):
+    from planted import planted_config
+
+    return planted_config(tmp_path_factory.mktemp("planted-cfg"))
+
+
+@pytest.fixture(scope="session")
+def planted_run(tmp_path_factory, calibration, planted_config_path):
+    """A real audit (CLI, torchscript target) of the planted readout of tests/planted.py: (run_dir, report).
+    Shared by the tests of the statistics end to end, the report, `check` and `compare`; do not modify it."""
+    from planted import audit_readout, planted_readout
+
+    return audit_readout(tmp_path_factory.mktemp("planted"), planted_config_path, planted_readout(calibration), "planted")
+
+
+@pytest.fixture(scope="session")
+def blind_run(tmp_path_factory, calibration, planted_config_path):
+    """A real audit of the attribute-blind readout of tests/planted.py, same config: (run_dir, report)."""
+    from planted import audit_readout, blind_readout
+
+    return audit_readout(tmp_path_factory.mktemp("blind"), planted_config_path, blind_readout(calibration), "blind")

@@ -72,3 +72,41 @@ def blind_readout(calibration):
     base, changes = calibration
     random = torch.randn(base.shape[1], generator=torch.Generator().manual_seed(0))
     return _readout(base, _orthogonal_part(random, list(changes.values())), 0.5)
+
+
+PLANTED_SAMPLES = 32
+
+
+def planted_config(folder):
+    """configs/demo.yaml with a slightly larger search budget (max_steps 10), as the planted audits use."""
+    from pathlib import Path
+
+    path = Path(folder) / "planted.yaml"
+    path.write_text((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text()
+                    .replace("max_steps: 8", "max_steps: 10"))
+    return path
+
+
+def audit_readout(folder, config_path, readout, name, samples=PLANTED_SAMPLES):
+    """Save a readout as TorchScript and audit it through the `torchscript:` spec and the CLI, like any
+    user model; returns (run directory, report)."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from zoom.cli import main
+
+    folder = Path(folder)
+    model_path = folder / f"{name}.pt"
+    torch.jit.script(readout).save(str(model_path))
+    out = folder / f"run-{name}"
+    result = CliRunner().invoke(main, ["audit", "--config", str(config_path), "--target", f"torchscript:{model_path}",
+                                       "--samples", str(samples), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    print(f"\n{name} target:\n{result.stdout}")
+    report = json.loads((out / "report.json").read_text())
+    for a in report["attributes"] + [report["null"]]:
+        print(f"  {name}: {a['name']:<11} flips {a['flips']:>2}/{a['n']}  flip_rate {a['flip_rate']:.3f}  "
+              f"q {a.get('q_value')}")
+    return out, report

@@ -1,6 +1,6 @@
-"""`zoom` command line: demo, audit, report.
+"""`zoom` command line: demo, audit, report, compare, check.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix, no
+Exit codes: 0 success, 1 a `check` that failed, 2 bad input (one line on stderr naming the problem and the fix, no
 traceback, nothing half-written).
 """
 
@@ -86,6 +86,7 @@ def demo(out):
     click.echo(summary_table(report))
     click.echo(DEMO_NOTICE)
     click.echo(f"report: {Path(out).resolve() / 'report.json'}")
+    click.echo(f"open in a browser: {Path(out).resolve() / 'report.html'}")
 
 
 @main.command()
@@ -146,7 +147,7 @@ def _launch(num_processes: int, config, args: list[str]) -> int:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir):
-    """Rebuild report.json and report.csv of RUN_DIR from its records (no models needed)."""
+    """Rebuild report.json, report.csv and report.html of RUN_DIR from its records (no models needed)."""
     from .report import summary_table, write_report
 
     if not os.path.isdir(run_dir):
@@ -154,6 +155,56 @@ def report(run_dir):
     rebuilt = write_report(run_dir)
     click.echo(summary_table(rebuilt))
     click.echo(f"report: {Path(run_dir).resolve() / 'report.json'}")
+    click.echo(f"open in a browser: {Path(run_dir).resolve() / 'report.html'}")
+
+
+@main.command()
+@click.argument("run_a", type=click.Path())
+@click.argument("run_b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of a table.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the comparison as a self-contained HTML page to this file.")
+def compare(run_a, run_b, as_json, html_path):
+    """Compare the flip rates of the same attributes in two runs (B - A), with a test per attribute."""
+    import json
+
+    from .compare import compare_runs, compare_table
+
+    if html_path and os.path.isdir(html_path):
+        raise ZoomError(f"--html {html_path!r} is a directory; give a file name such as compare.html")
+    result = compare_runs(run_a, run_b)
+    if html_path:
+        from .report.html import render_compare
+        from .runner import atomic_write
+
+        if not Path(html_path).resolve().parent.is_dir():
+            raise ZoomError(f"--html {html_path!r}: its folder does not exist")
+        atomic_write(Path(html_path), render_compare(result))
+    if as_json:
+        click.echo(json.dumps(result, indent=1, allow_nan=False))
+    else:
+        click.echo(compare_table(result))
+        if html_path:
+            click.echo(f"html: {Path(html_path).resolve()}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--max-flip-rate", "max_flip_rate", required=True, metavar="R",
+              help="Fail when an attribute's flip rate is significantly above the null and its 95% lower bound exceeds R (0..1).")
+@click.option("--attribute", "attributes", multiple=True, metavar="NAME",
+              help="Check only this attribute (repeatable); default: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def check(run_dir, max_flip_rate, attributes, as_json):
+    """A pre-deployment gate: exit 1 (and say why) when an attribute's flip rate is too high, else 0."""
+    import json
+
+    from .check import check_run, check_text
+
+    result = check_run(run_dir, max_flip_rate, list(attributes) or None)
+    click.echo(json.dumps(result, indent=1, allow_nan=False) if as_json else check_text(result))
+    if not result["passed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

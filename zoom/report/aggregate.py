@@ -43,7 +43,40 @@ def _counts(records: list[dict]) -> dict:
     }
     if ok and "share" in ok[0]:
         out["mean_share"] = statistics.fmean(r["share"] for r in ok)
+    curves = _dose_response(ok)
+    if curves is not None:
+        out["dose_response"] = curves
     return out
+
+
+def _dose_response(ok: list[dict]) -> dict | None:
+    """Sweep runs: the base class probability along the alpha grid, median and quartiles over seeds,
+    and the share of seeds whose prediction differs from the base prediction at each alpha."""
+    import numpy as np
+
+    swept = [r for r in ok if r.get("curve")]
+    if not swept:
+        return None
+    grid = [point[0] for point in swept[0]["curve"]]
+    swept = [r for r in swept if [point[0] for point in r["curve"]] == grid]  # one grid per run; be safe
+    probs = np.array([[np.nan if p[1] is None else p[1] for p in r["curve"]] for r in swept], dtype=float)
+    changed = np.array([[p[2] != r["base_pred"] for p in r["curve"]] for r in swept], dtype=float)
+
+    def column(fn):
+        out = []
+        for j in range(len(grid)):
+            values = probs[:, j][~np.isnan(probs[:, j])]
+            out.append(round(float(fn(values)), 6) if values.size else None)
+        return out
+
+    return {
+        "alpha": grid,
+        "n": len(swept),
+        "median": column(np.median),
+        "q25": column(lambda v: np.quantile(v, 0.25)),
+        "q75": column(lambda v: np.quantile(v, 0.75)),
+        "flip_share": [round(float(x), 6) for x in changed.mean(0)],
+    }
 
 
 def _per_class(records: list[dict]) -> dict:
@@ -64,7 +97,7 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         groups[r["attribute"]].append(r)
     null_records = groups.pop(NULL_NAME, [])
     null = {"name": NULL_NAME, "prompt": null_records[0]["prompt"] if null_records else None,
-            **_counts(null_records)}
+            **_counts(null_records), "per_class": _per_class(null_records)}
 
     prompts = {a["name"]: a["prompt"] for a in resolved_config["prompts"]["attributes"]}
     attributes = []
@@ -89,32 +122,82 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         "memory_kind": rank_meta[0]["memory_kind"] if rank_meta else None,
     }
     end = max((m["end_time"] for m in rank_meta), default=None)
+    samples = (resolved_config.get("search") or {}).get("samples")
+    expected = samples * (len(prompts) + 1) if isinstance(samples, int) else None
     return {
         "schema_version": SCHEMA_VERSION,
         "run": {**run, "end_time": end, "config": resolved_config},
         "cost": cost,
+        "completeness": {"finished": len(records), "expected": expected,
+                         "complete": expected is None or len(records) >= expected},
         "significance_level": SIGNIFICANCE,
         "null": null,
         "attributes": attributes,
     }
 
 
-def write_report(run_dir) -> dict:
-    """Rebuild report.json and report.csv from the run directory alone (atomically)."""
+RECORD_FIELDS = ("key", "seed", "attribute", "slug", "prompt", "status", "flipped", "strength", "base_pred",
+                 "base_label", "base_prob", "final_prob", "validity", "seconds", "unet_calls", "steps")
+
+
+def _check_records(records: list[dict], run_dir: Path) -> None:
+    for r in records:
+        if not isinstance(r, dict):
+            raise ZoomError(f"{run_dir / 'records'}: a record is not a JSON object; the records are corrupt")
+        missing = [f for f in RECORD_FIELDS if f not in r]
+        if missing:
+            raise ZoomError(f"{run_dir / 'records'}: record {str(r.get('key', '?'))!r} lacks {', '.join(missing)}; "
+                            "the records are corrupt or were not written by zoom")
+
+
+def load_run(run_dir) -> tuple[list[dict], dict, dict, list[dict]]:
+    """(records, resolved config, run.json, rank meta) of a run directory; ZoomError when unreadable."""
     import yaml
 
-    from ..runner import RECORDS_DIR, atomic_write, read_records
+    from ..runner import RECORDS_DIR, read_records
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ZoomError(f"run directory {str(run_dir)!r} does not exist")
     if not (run_dir / "config.yaml").is_file():
         raise ZoomError(f"{str(run_dir)!r} is not a zoom run directory (no config.yaml)")
+    if not (run_dir / RECORDS_DIR).is_dir():
+        raise ZoomError(f"{str(run_dir)!r} has no records/ folder: the audit never started; run `zoom audit` first")
+    try:
+        resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        meta = [json.loads(p.read_text()) for p in sorted((run_dir / RECORDS_DIR).glob("rank-*.meta.json"))]
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ZoomError(f"{str(run_dir)!r}: config.yaml, run.json or a rank meta file is unreadable "
+                        f"({type(e).__name__}); the run directory is damaged") from None
+    if not isinstance(resolved, dict) or not isinstance((resolved.get("prompts") or {}).get("attributes"), list):
+        raise ZoomError(f"{str(run_dir / 'config.yaml')!r} has no prompts.attributes; it is not a zoom run config")
     records = read_records(run_dir)
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    meta = [json.loads(p.read_text()) for p in sorted((run_dir / RECORDS_DIR).glob("rank-*.meta.json"))]
+    if not records:
+        raise ZoomError(f"{str(run_dir)!r} has no finished records to report on (records/ is empty); "
+                        "finish the audit with `zoom audit ... --resume`")
+    _check_records(records, run_dir)
+    return records, resolved, run, meta
+
+
+def build_report(run_dir) -> dict:
+    """The report of a run directory from its records alone, without writing anything."""
+    return aggregate(*load_run(run_dir))
+
+
+def write_report(run_dir, *, html: bool = True) -> dict:
+    """Rebuild report.json, report.csv and report.html from the run directory alone (atomically)."""
+    from ..runner import atomic_write
+
+    run_dir = Path(run_dir)
+    records, resolved, run, meta = load_run(run_dir)
     report = aggregate(records, resolved, run, meta)
     atomic_write(run_dir / "report.json", json.dumps(report, indent=1, allow_nan=False))
     atomic_write(run_dir / "report.csv", to_csv(report))
+    if html:
+        from .html import render_report
+
+        atomic_write(run_dir / "report.html", render_report(report, records, run_dir))
     return report
 
 

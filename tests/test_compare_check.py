@@ -1,0 +1,233 @@
+"""`zoom compare` and `zoom check`: their statistics against independent implementations, the gate's
+rule, the refusals, exit codes 0/1/2, and both commands on real planted and attribute-blind audits."""
+
+import json
+import math
+from fractions import Fraction
+
+import pytest
+from click.testing import CliRunner
+from statsmodels.stats.proportion import confint_proportions_2indep
+
+from planted import PLANTED
+from synthetic import pattern, write_run
+from zoom.check import evaluate
+from zoom.cli import main
+from zoom.errors import ZoomError
+from zoom.stats import difference_interval, two_sided_exact_p
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoom: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of compare: Newcombe's interval and the two-sided exact test
+# ---------------------------------------------------------------------------------------------
+
+GRID = [(0, 10, 0, 10), (10, 10, 0, 10), (0, 10, 10, 10), (10, 10, 10, 10), (0, 8, 3, 8), (5, 8, 1, 8),
+        (3, 8, 3, 8), (7, 20, 2, 20), (20, 64, 4, 64), (1, 1, 0, 1), (0, 1, 1, 1), (1, 1, 0, 5), (12, 30, 0, 50),
+        (2, 5, 4, 40), (64, 64, 0, 64), (0, 64, 64, 64), (23, 32, 10, 32), (500, 1000, 480, 1000)]
+
+
+@pytest.mark.parametrize("k1,n1,k2,n2", GRID)
+def test_difference_interval_matches_statsmodels_newcombe(k1, n1, k2, n2):
+    low, high = difference_interval(k1, n1, k2, n2)
+    ref_low, ref_high = confint_proportions_2indep(k1, n1, k2, n2, method="newcomb", compare="diff", alpha=0.05)
+    assert (low, high) == pytest.approx((ref_low, ref_high), abs=1e-9)
+    assert -1 <= low <= k1 / n1 - k2 / n2 <= high <= 1
+
+
+@pytest.mark.parametrize("confidence", [0.8, 0.9, 0.99])
+def test_difference_interval_other_levels(confidence):
+    low, high = difference_interval(7, 20, 2, 20, confidence)
+    ref = confint_proportions_2indep(7, 20, 2, 20, method="newcomb", compare="diff", alpha=1 - confidence)
+    assert (low, high) == pytest.approx(tuple(ref), abs=1e-9)
+
+
+def textbook_fisher_two_sided(k1, n1, k2, n2):
+    """Sum of the hypergeometric probabilities of all tables no more likely than the observed one (exact)."""
+    total, successes = n1 + n2, k1 + k2
+    denom = math.comb(total, n1)
+
+    def prob(x):
+        return Fraction(math.comb(successes, x) * math.comb(total - successes, n1 - x), denom)
+
+    observed = prob(k1)
+    support = range(max(0, successes - n2), min(n1, successes) + 1)
+    return float(sum(prob(x) for x in support if prob(x) <= observed))
+
+
+@pytest.mark.parametrize("k1,n1,k2,n2", GRID[:-1])
+def test_two_sided_exact_matches_the_hypergeometric_sum(k1, n1, k2, n2):
+    p = two_sided_exact_p(k1, n1, k2, n2)
+    assert p == pytest.approx(textbook_fisher_two_sided(k1, n1, k2, n2), rel=1e-9, abs=1e-15)
+    assert p == pytest.approx(two_sided_exact_p(k2, n2, k1, n1), rel=1e-12)  # symmetric in the two runs
+
+
+def test_two_sided_exact_textbook_values():
+    assert two_sided_exact_p(3, 4, 1, 4) == pytest.approx(0.4857142857, rel=1e-9)  # Fisher's lady tasting tea
+    assert two_sided_exact_p(10, 10, 0, 10) == pytest.approx(2 / math.comb(20, 10), rel=1e-9)
+    assert two_sided_exact_p(5, 10, 5, 10) == pytest.approx(1.0)
+    assert math.isnan(two_sided_exact_p(0, 0, 3, 10)) and math.isnan(difference_interval(1, 2, 0, 0)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# check: the rule on synthetic runs
+# ---------------------------------------------------------------------------------------------
+
+
+def _report(tmp_path, flips, name="run", **kw):
+    from zoom.report import build_report
+
+    return build_report(write_run(tmp_path / name, flips, **kw))
+
+
+def test_check_rule_needs_significance_and_a_lower_bound_above_r(tmp_path):
+    n = 32
+    report = _report(tmp_path, {"strong": pattern(24, n), "weak": pattern(9, n), "null": pattern(3, n)})
+    strong = next(a for a in report["attributes"] if a["name"] == "strong")
+    assert strong["significant"] and 0.5 < strong["ci_low"] < 0.6
+    assert evaluate(report, 0.5)["failing"] == ["strong"]              # significant and lower bound 0.58 > 0.5
+    assert evaluate(report, 0.6)["passed"]                             # significant, but the bound is not above 0.6
+    assert evaluate(report, 1.0)["passed"] and not evaluate(report, 0.0)["passed"]
+    assert evaluate(report, 0.0, ["weak"])["passed"]                   # --attribute filters
+    # a high flip rate that is not above the null does not fail: the null flips just as often
+    blind = _report(tmp_path, {"a": pattern(20, n), "null": pattern(20, n)}, name="blind")
+    assert blind["attributes"][0]["ci_low"] > 0.4 and evaluate(blind, 0.0)["passed"]
+
+
+def test_check_cli_exit_codes_text_and_json(tmp_path):
+    n = 32
+    sensitive = write_run(tmp_path / "sensitive", {"hat": pattern(26, n), "scarf": pattern(4, n), "null": pattern(4, n)})
+    fail = invoke("check", sensitive, "--max-flip-rate", "0.3")
+    assert fail.exit_code == 1, fail.output
+    assert fail.stdout.startswith("zoom check: FAIL") and "hat: 26/32" in fail.stdout and "scarf" in fail.stdout
+    ok = invoke("check", sensitive, "--max-flip-rate", "0.3", "--attribute", "scarf")
+    assert ok.exit_code == 0 and ok.stdout.startswith("zoom check: PASS")
+    as_json = invoke("check", sensitive, "--max-flip-rate", "0.3", "--json")
+    assert as_json.exit_code == 1
+    verdict = json.loads(as_json.stdout)
+    assert verdict["passed"] is False and verdict["failing"] == ["hat"] and verdict["max_flip_rate"] == 0.3
+    assert {a["name"]: a["fails"] for a in verdict["attributes"]} == {"hat": True, "scarf": False}
+    assert {"n", "flips", "flip_rate", "ci_low", "ci_high", "q_value", "significant", "lower_bound_exceeds"} <= \
+        set(verdict["attributes"][0])
+    passing = json.loads(invoke("check", sensitive, "--max-flip-rate", "0.9", "--json").stdout)
+    assert passing["passed"] is True and passing["failing"] == []
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "abc", "nan"])
+def test_check_refuses_a_threshold_outside_0_1(tmp_path, value):
+    run = write_run(tmp_path / "run", {"hat": pattern(4, 8), "null": pattern(4, 8)}, images=False)
+    one_line_error(invoke("check", run, f"--max-flip-rate={value}"), "--max-flip-rate", "between 0 and 1")
+
+
+def test_check_bad_input(tmp_path):
+    run = write_run(tmp_path / "run", {"hat": pattern(4, 8), "null": pattern(4, 8)}, images=False)
+    one_line_error(invoke("check", run, "--max-flip-rate", "0.2", "--attribute", "scarf"), "'scarf'", "'hat'")
+    one_line_error(invoke("check", tmp_path / "nowhere", "--max-flip-rate", "0.2"), "does not exist")
+    # an unfinished run is not gated on: it would pass too easily
+    path = run / "records" / "rank-0.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-3]))
+    one_line_error(invoke("check", run, "--max-flip-rate", "0.2"), "incomplete", "13 of 16", "--resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: refusals, output forms
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compare_outputs_table_json_and_html(tmp_path):
+    n = 32
+    a = write_run(tmp_path / "before", {"hat": pattern(26, n), "scarf": pattern(5, n), "null": pattern(4, n)})
+    b = write_run(tmp_path / "after", {"hat": pattern(6, 24), "scarf": pattern(4, 24), "null": pattern(3, 24)},
+                  target="torchscript:/models/fixed.pt", seed=100)  # another target, other seeds: fine
+    result = invoke("compare", a, b, "--html", tmp_path / "cmp.html")
+    assert result.exit_code == 0, result.output
+    assert "B-A [95% CI]" in result.stdout and "different (BH q < 0.05): hat" in result.stdout
+    data = json.loads(invoke("compare", a, b, "--json").stdout)
+    rows = {r["name"]: r for r in data["attributes"]}
+    assert rows["hat"]["significant"] and not rows["scarf"]["significant"]
+    assert rows["hat"]["difference"] == pytest.approx(6 / 24 - 26 / 32)
+    low, high = difference_interval(6, 24, 26, 32)
+    assert (rows["hat"]["diff_ci_low"], rows["hat"]["diff_ci_high"]) == pytest.approx((low, high))
+    assert rows["hat"]["p_value"] == pytest.approx(two_sided_exact_p(6, 24, 26, 32))
+    assert data["null"]["a"]["flips"] == 4 and data["null"]["b"]["n"] == 24
+    assert data["run_b"]["target"] == "torchscript:/models/fixed.pt" and data["difference"] == "B - A"
+    page = (tmp_path / "cmp.html").read_text()
+    assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
+    assert "hat" in page and "Newcombe" in page
+
+
+def test_compare_refuses_different_prompts_or_generator(tmp_path):
+    n = 8
+    base = write_run(tmp_path / "base", {"hat": pattern(2, n), "null": pattern(2, n)}, images=False)
+    other_attr = write_run(tmp_path / "attr", {"scarf": pattern(2, n), "null": pattern(2, n)}, images=False)
+    one_line_error(invoke("compare", base, other_attr), "cannot compare", "attributes", "'hat'", "'scarf'")
+    gen = {"model": "/models/sd", "revision": None, "steps": 2, "guidance_scale": 0.0, "resolution": 64,
+           "loop_decoder": None, "gradient_checkpointing": True}
+    other_gen = write_run(tmp_path / "gen", {"hat": pattern(2, n), "null": pattern(2, n)}, generator=gen, images=False)
+    line = one_line_error(invoke("compare", base, other_gen), "generator.steps")
+    assert "gradient_checkpointing" not in line  # a memory knob, not a different generator
+    import yaml
+
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    config["prompts"]["domain"] = "a photo of a cat"
+    other_domain = write_run(tmp_path / "domain", {"hat": pattern(2, n), "null": pattern(2, n)}, prompts=config["prompts"],
+                             images=False)
+    one_line_error(invoke("compare", base, other_domain), "domain prompt")
+    config["prompts"]["domain"], config["prompts"]["null"] = yaml.safe_load((base / "config.yaml").read_text())[
+        "prompts"]["domain"], "a snapshot of a face"
+    other_null = write_run(tmp_path / "null", {"hat": pattern(2, n), "null": pattern(2, n)}, prompts=config["prompts"],
+                           images=False)
+    one_line_error(invoke("compare", base, other_null), "null prompt")
+    one_line_error(invoke("compare", base, base), "two different run directories")
+    one_line_error(invoke("compare", base, tmp_path / "missing"), "does not exist")
+    with pytest.raises(ZoomError):
+        from zoom.compare import compare_runs
+
+        compare_runs(base, other_attr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real audits: the planted and the attribute-blind readouts of tests/planted.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_fails_on_the_planted_run_and_passes_the_blind_one(planted_run, blind_run):
+    planted_dir, planted = planted_run
+    blind_dir, _ = blind_run
+    result = invoke("check", planted_dir, "--max-flip-rate", "0.3")
+    assert result.exit_code == 1, result.output
+    assert result.stdout.startswith("zoom check: FAIL") and f"  {PLANTED}:" in result.stdout
+    verdict = json.loads(invoke("check", planted_dir, "--max-flip-rate", "0.3", "--json").stdout)
+    assert verdict["failing"] == [PLANTED]
+    # the other attributes alone pass, and the blind run passes even at R = 0: nothing is significant
+    others = [a["name"] for a in planted["attributes"] if a["name"] != PLANTED]
+    assert invoke("check", planted_dir, "--max-flip-rate", "0.3", *sum([["--attribute", o] for o in others], [])).exit_code == 0
+    blind = invoke("check", blind_dir, "--max-flip-rate", "0")
+    assert blind.exit_code == 0, blind.output
+    assert blind.stdout.startswith("zoom check: PASS")
+
+
+def test_compare_flags_the_planted_attribute_between_planted_and_blind(planted_run, blind_run, tmp_path):
+    (planted_dir, _), (blind_dir, _) = planted_run, blind_run
+    result = invoke("compare", planted_dir, blind_dir, "--json", "--html", tmp_path / "compare.html")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    print("\n" + invoke("compare", planted_dir, blind_dir).stdout)
+    assert data["attributes"][0]["name"] == PLANTED
+    assert [r["name"] for r in data["attributes"] if r["significant"]] == [PLANTED]
+    assert data["attributes"][0]["difference"] < -0.2  # the blind target (B) flips far less often
+    assert data["warnings"] == []  # same config: nothing but the target differs
+    assert (tmp_path / "compare.html").stat().st_size > 10_000

@@ -1,0 +1,164 @@
+"""`zoom compare RUN_A RUN_B`: the same attributes in two runs side by side.
+
+Per attribute: both flip rates with their Wilson intervals, the difference B - A with Newcombe's
+hybrid score interval, a two-sided Fisher exact test of equal rates, and Benjamini-Hochberg q-values
+across the attributes. The null control is compared too, as a reference outside the BH family.
+
+Two runs are comparable when they audit the same prompts (domain, attributes, null) with the same
+generator; the target, the number of seeds, the precision or the hardware may differ. Differences in
+the search budget are allowed but reported as warnings: they change flip rates on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .errors import ZoomError
+from .prompts import NULL_NAME
+from .report.aggregate import SIGNIFICANCE, build_report
+from .stats import bh_qvalues, difference_interval, two_sided_exact_p
+
+SCHEMA_VERSION = 1
+# generator keys that change memory or speed but not a single image
+_GENERATOR_IGNORED = {"gradient_checkpointing"}
+# search keys that only choose which seeds or how they are batched
+_SEARCH_IGNORED = {"samples", "seed", "batch_size"}
+
+
+def _nan_to_none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _prompt_set(config: dict) -> tuple:
+    p = config.get("prompts") or {}
+    attrs = {a["name"]: a["prompt"] for a in p.get("attributes") or []}
+    return p.get("domain"), attrs, p.get("null")
+
+
+def _short(x, width=60) -> str:
+    text = repr(x)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def comparability(report_a: dict, report_b: dict) -> tuple[list[str], list[str]]:
+    """(reasons the runs cannot be compared, warnings about what differs but is allowed)."""
+    ca, cb = report_a["run"].get("config") or {}, report_b["run"].get("config") or {}
+    refuse, warn = [], []
+    (da, aa, na), (db, ab, nb) = _prompt_set(ca), _prompt_set(cb)
+    if da != db:
+        refuse.append(f"domain prompt ({_short(da)} vs {_short(db)})")
+    if aa != ab:
+        only_a, only_b = sorted(set(aa) - set(ab)), sorted(set(ab) - set(aa))
+        reworded = sorted(k for k in set(aa) & set(ab) if aa[k] != ab[k])
+        parts = ([f"only in A: {', '.join(map(repr, only_a))}"] if only_a else []) + \
+                ([f"only in B: {', '.join(map(repr, only_b))}"] if only_b else []) + \
+                ([f"reworded: {', '.join(map(repr, reworded))}"] if reworded else [])
+        refuse.append(f"attributes ({'; '.join(parts)})")
+    if na != nb:
+        refuse.append(f"null prompt ({_short(na)} vs {_short(nb)})")
+    ga, gb = ca.get("generator") or {}, cb.get("generator") or {}
+    for key in sorted((set(ga) | set(gb)) - _GENERATOR_IGNORED):
+        if ga.get(key) != gb.get(key):
+            refuse.append(f"generator.{key} ({_short(ga.get(key))} vs {_short(gb.get(key))})")
+    ha, hb = (((r["run"].get("models") or {}).get("generator") or {}).get("files") or {}
+              for r in (report_a, report_b))
+    if ha.get("sha256") and hb.get("sha256") and ha["sha256"] != hb["sha256"] and ga.get("model") == gb.get("model"):
+        refuse.append(f"generator weights (sha256 {ha['sha256'][:12]}… vs {hb['sha256'][:12]}…)")
+    sa, sb = ca.get("search") or {}, cb.get("search") or {}
+    for key in sorted((set(sa) | set(sb)) - _SEARCH_IGNORED):
+        if sa.get(key) != sb.get(key):
+            warn.append(f"search.{key} differs ({sa.get(key)!r} vs {sb.get(key)!r}): the search budget or method "
+                        "changes flip rates on its own, so part of a difference may come from it")
+    for name, r in (("A", report_a), ("B", report_b)):
+        done = r.get("completeness") or {}
+        if done and not done.get("complete", True):
+            warn.append(f"run {name} is incomplete ({done['finished']} of {done['expected']} items)")
+    return refuse, warn
+
+
+def _side(row: dict) -> dict:
+    keys = ("n", "flips", "flip_rate", "ci_low", "ci_high", "p_value", "q_value", "significant",
+            "median_strength_to_flip", "validity_rate")
+    return {k: row.get(k) for k in keys if k in row}
+
+
+def _row(name: str, prompt, a: dict, b: dict) -> dict:
+    low, high = difference_interval(b["flips"], b["n"], a["flips"], a["n"])
+    p = two_sided_exact_p(b["flips"], b["n"], a["flips"], a["n"])
+    diff = b["flip_rate"] - a["flip_rate"] if a["n"] and b["n"] else None
+    return {"name": name, "prompt": prompt, "a": _side(a), "b": _side(b), "difference": _nan_to_none(diff),
+            "diff_ci_low": _nan_to_none(low), "diff_ci_high": _nan_to_none(high), "p_value": _nan_to_none(p)}
+
+
+def _describe(report: dict, path) -> dict:
+    config = report["run"].get("config") or {}
+    return {"path": str(path), "target": (config.get("target") or {}).get("spec"),
+            "samples": (config.get("search") or {}).get("samples"), "mode": (config.get("search") or {}).get("mode"),
+            "precision": report["run"].get("precision"), "end_time": report["run"].get("end_time")}
+
+
+def compare_reports(report_a: dict, report_b: dict, path_a="A", path_b="B") -> dict:
+    """The comparison of two reports (ZoomError when their prompts or generator differ)."""
+    refuse, warnings = comparability(report_a, report_b)
+    if refuse:
+        raise ZoomError(f"cannot compare {str(path_a)!r} with {str(path_b)!r}: they differ in "
+                        f"{'; '.join(refuse[:3])}{' …' if len(refuse) > 3 else ''}. compare needs runs of the same "
+                        "prompt set and generator (the target, seeds and hardware may differ)")
+    by_b = {a["name"]: a for a in report_b["attributes"]}
+    rows = [_row(a["name"], a.get("prompt"), a, by_b[a["name"]]) for a in report_a["attributes"] if a["name"] in by_b]
+    missing = sorted(set(by_b) ^ {a["name"] for a in report_a["attributes"]})
+    if missing:
+        warnings.append(f"no finished items in one of the runs for: {', '.join(missing)}")
+    qs = bh_qvalues([r["p_value"] if r["p_value"] is not None else float("nan") for r in rows])
+    for r, q in zip(rows, qs):
+        r["q_value"] = _nan_to_none(q)
+        r["significant"] = bool(r["q_value"] is not None and r["q_value"] < SIGNIFICANCE)
+    rows.sort(key=lambda r: (r["p_value"] if r["p_value"] is not None else 2, -abs(r["difference"] or 0), r["name"]))
+    null = _row(NULL_NAME, report_a["null"].get("prompt"), report_a["null"], report_b["null"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "significance_level": SIGNIFICANCE,
+        "difference": "B - A",
+        "run_a": _describe(report_a, path_a),
+        "run_b": _describe(report_b, path_b),
+        "domain": ((report_a["run"].get("config") or {}).get("prompts") or {}).get("domain"),
+        "attributes": rows,
+        "null": null,
+        "warnings": warnings,
+    }
+
+
+def compare_runs(run_a, run_b) -> dict:
+    """Load both run directories from their records (no models) and compare them."""
+    if Path(run_a).resolve() == Path(run_b).resolve():
+        raise ZoomError(f"compare needs two different run directories; got {str(run_a)!r} twice")
+    return compare_reports(build_report(run_a), build_report(run_b), run_a, run_b)
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def compare_table(c: dict) -> str:
+    lines = [f"A: {c['run_a']['path']}  (target {c['run_a']['target']}, {c['run_a']['samples']} seeds)",
+             f"B: {c['run_b']['path']}  (target {c['run_b']['target']}, {c['run_b']['samples']} seeds)"]
+    rows = [("attribute", "A flips/n", "A rate", "B flips/n", "B rate", "B-A [95% CI]", "p", "q", "sig")]
+    for r in c["attributes"] + [dict(c["null"], q_value=None, significant=False)]:
+        a, b = r["a"], r["b"]
+        rows.append((r["name"][:28], f"{a['flips']}/{a['n']}", _fmt(a["flip_rate"]), f"{b['flips']}/{b['n']}",
+                     _fmt(b["flip_rate"]),
+                     f"{_fmt(r['difference'], '+.2f')} [{_fmt(r['diff_ci_low'], '+.2f')}, {_fmt(r['diff_ci_high'], '+.2f')}]",
+                     _fmt(r["p_value"], ".3g"), _fmt(r.get("q_value"), ".3g"),
+                     "*" if r["significant"] else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    lines += table
+    different = [r["name"] for r in c["attributes"] if r["significant"]]
+    if different:
+        lines.append(f"different (BH q < {c['significance_level']}): {', '.join(different)}")
+    else:
+        lines.append(f"no attribute's flip rate differs significantly between A and B (BH q < {c['significance_level']})")
+    lines += [f"warning: {w}" for w in c["warnings"]]
+    return "\n".join(lines)
