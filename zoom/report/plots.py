@@ -83,24 +83,36 @@ def forest_plot(rows: list[dict], null: dict | None, *, x_label="flip rate (dot)
             ax.axvspan(null["ci_low"], null["ci_high"], color=NULL, alpha=0.09, lw=0)
             ax.axvline(null["flip_rate"], color=NULL, ls="--", lw=1.3,
                        label=f"{reference_label} {null['flip_rate']:.2f} (band: its 95% interval)")
-        seen = set()
-        for i, row in enumerate(rows):
-            y = n - 1 - i
-            if not _ok(row.get("flip_rate")):
-                continue
-            color = SIGNIFICANT if row.get("significant") else PLAIN
-            kind = "above the null (q < 0.05)" if row.get("significant") else "not significant"
-            ax.hlines(y, row["ci_low"], row["ci_high"], color=color, lw=2.4, alpha=0.85)
-            ax.plot([row["flip_rate"]], [y], "o", color=color, ms=6.5, mec="white", mew=0.8,
-                    label=None if kind in seen else kind)
-            seen.add(kind)
-        ax.set_yticks(range(n), [label(r["name"]) for r in reversed(rows)] or [""])
-        ax.set_ylim(-0.6, n - 0.4)
+        def style(row):
+            if row.get("significant"):
+                return SIGNIFICANT, "above the null (q < 0.05)"
+            return PLAIN, "not significant"
+
+        _interval_rows(ax, rows, ("flip_rate", "ci_low", "ci_high"), style)
         ax.set_xlim(-0.01, 1.01)
         ax.set_xlabel(label(x_label, 80))
         handles, labels = ax.get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside upper center", ncol=3, frameon=False, fontsize=8, handlelength=1.6)
         return _data_uri(fig)
+
+
+def _interval_rows(ax, rows: list[dict], keys: tuple[str, str, str], style) -> None:
+    """One row per entry, top to bottom: a dot at keys[0] on a bar from keys[1] to keys[2];
+    style(row) -> (color, legend label), each label shown once."""
+    value, low, high = keys
+    n = max(len(rows), 1)
+    seen = set()
+    for i, row in enumerate(rows):
+        if not _ok(row.get(value)):
+            continue
+        y = n - 1 - i
+        color, kind = style(row)
+        ax.hlines(y, row[low], row[high], color=color, lw=2.4, alpha=0.85)
+        ax.plot([row[value]], [y], "o", color=color, ms=6.5, mec="white", mew=0.8,
+                label=None if kind in seen else kind)
+        seen.add(kind)
+    ax.set_yticks(range(n), [label(r["name"]) for r in reversed(rows)] or [""])
+    ax.set_ylim(-0.6, n - 0.4)
 
 
 def difference_plot(rows: list[dict]) -> str:
@@ -113,22 +125,14 @@ def difference_plot(rows: list[dict]) -> str:
         ax = fig.add_subplot()
         _style(ax)
         ax.axvline(0, color="#0f172a", lw=1)
-        seen = set()
-        for i, row in enumerate(rows):
-            y = n - 1 - i
-            if not _ok(row.get("difference")):
-                continue
-            color = SIGNIFICANT if row.get("significant") else PLAIN
-            kind = "different (q < 0.05)" if row.get("significant") else ("reference" if row.get("reference")
-                                                                           else "not significant")
+        def style(row):
+            if row.get("significant"):
+                return (NULL if row.get("reference") else SIGNIFICANT), "different (q < 0.05)"
             if row.get("reference"):
-                color = NULL
-            ax.hlines(y, row["diff_ci_low"], row["diff_ci_high"], color=color, lw=2.4, alpha=0.85)
-            ax.plot([row["difference"]], [y], "o", color=color, ms=6.5, mec="white", mew=0.8,
-                    label=None if kind in seen else kind)
-            seen.add(kind)
-        ax.set_yticks(range(n), [label(r["name"]) for r in reversed(rows)] or [""])
-        ax.set_ylim(-0.6, n - 0.4)
+                return NULL, "reference"
+            return PLAIN, "not significant"
+
+        _interval_rows(ax, rows, ("difference", "diff_ci_low", "diff_ci_high"), style)
         ax.set_xlim(-1.02, 1.02)
         ax.set_xlabel("difference of flip rates, B − A (dot), and its 95% Newcombe interval")
         handles, labels = ax.get_legend_handles_labels()
