@@ -90,7 +90,7 @@ def test_lonely_ranks_are_refused(tmp_path, tiny):
 
 # A real audit process that SIGKILLs itself at a chosen moment, by wrapping one of zoom's own functions.
 KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import zoom.runner as runner
     moment, count = sys.argv[1], [0]
 
@@ -121,7 +121,7 @@ KILLER = textwrap.dedent("""
         def wrapped(path, image):
             save_png(path, image)
             open(str(path.parents[2] / "stalled"), "w").close()
-            __import__("time").sleep(120)
+            time.sleep(120)
         runner.save_png = wrapped
     elif moment == "report":  # while report.json is being written
         atomic_write = runner.atomic_write

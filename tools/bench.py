@@ -229,9 +229,10 @@ def main():
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from zoom.search import Searcher
-    from zoom.runner import make_edits
     from zoom.prompts import load_prompts
+    from zoom.runner import make_edits
+    from zoom.search import Searcher
+    from zoom.targets import make_criterion
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -252,12 +253,12 @@ def main():
     # 1. The planted speed run: attribute + null, early stop at the first flip, as an audit runs.
     real_target = models.target
     models.target = planted_target(models.generator, list(range(10_000, 10_000 + max(8, batch))), real_target)
-    models.criterion = __import__("zoom.targets", fromlist=["make_criterion"]).make_criterion("multiclass")
+    models.criterion = make_criterion("multiclass")  # the readout's two classes
     prompts = load_prompts({"domain": DOMAIN, "attributes": [{"name": "smile", "prompt": ATTRIBUTE}], "null": NULL})
     edits = make_edits(models, prompts, seed=0)
     searcher = Searcher(models.generator, models.guide, models.target, models.criterion, search, precision)
     seeds = list(range(args.samples))
-    outcomes, start = [], None
+    outcomes = []
     sync(device)
     start = time.perf_counter()
     for i in range(0, len(seeds), batch):

@@ -140,10 +140,25 @@ def difference_plot(rows: list[dict]) -> str:
         return _data_uri(fig)
 
 
-def _grid(k: int, cols: int = 4, cell=(2.55, 2.05)):
+def _panel_grid(k: int, ylabel: str, xlabel: str, cols: int = 4, cell=(2.55, 2.05)):
+    """A figure of k small panels sharing axes, styled and labelled on the outer edges; returns
+    (figure, the k visible axes)."""
     cols = max(1, min(cols, k))
     rows = math.ceil(k / cols)
-    return rows, cols, _figure(cell[0] * cols + 0.4, cell[1] * rows + 0.5)
+    fig = _figure(cell[0] * cols + 0.4, cell[1] * rows + 0.5)
+    axes = list(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).flat)
+    for idx, ax in enumerate(axes):
+        if idx >= k:
+            ax.set_visible(False)
+            continue
+        _style(ax)
+        ax.grid(axis="y", color="#e2e8f0", linewidth=0.8)
+        if idx % cols == 0:
+            ax.set_ylabel(ylabel)
+        if idx // cols == rows - 1 or idx + cols >= k:
+            ax.set_xlabel(xlabel)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    return fig, axes[:k]
 
 
 def dose_response_plot(panels: list[tuple[str, dict, bool]], null: dict | None) -> str:
@@ -151,16 +166,9 @@ def dose_response_plot(panels: list[tuple[str, dict, bool]], null: dict | None) 
     import matplotlib
 
     with matplotlib.rc_context(_RC):
-        rows, cols, fig = _grid(len(panels))
-        axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
-        for idx, ax in enumerate(axes.flat):
-            if idx >= len(panels):
-                ax.set_visible(False)
-                continue
-            name, dr, significant = panels[idx]
+        fig, axes = _panel_grid(len(panels), "P(base class)", "alpha (edit strength, signed)")
+        for ax, (name, dr, significant) in zip(axes, panels):
             color = SIGNIFICANT if significant else PLAIN
-            _style(ax)
-            ax.grid(axis="y", color="#e2e8f0", linewidth=0.8)
             x = dr["alpha"]
             keep = [j for j, m in enumerate(dr["median"]) if m is not None]
             xs = [x[j] for j in keep]
@@ -173,12 +181,7 @@ def dose_response_plot(panels: list[tuple[str, dict, bool]], null: dict | None) 
                             alpha=0.18, lw=0, label="interquartile band over seeds")
             ax.plot(xs, [dr["median"][j] for j in keep], color=color, lw=1.8, label="median over seeds")
             ax.set_title(label(name, 30), loc="left")
-            if idx % cols == 0:
-                ax.set_ylabel("P(base class)")
-            if idx // cols == rows - 1 or idx + cols >= len(panels):
-                ax.set_xlabel("alpha (edit strength, signed)")
-                ax.xaxis.set_tick_params(labelbottom=True)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
+        handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside upper center", ncol=3, frameon=False, fontsize=8)
         # (orange panels: attributes significantly above the null; slate: not significant)
         return _data_uri(fig)
@@ -193,27 +196,15 @@ def strength_histograms(panels: list[tuple[str, list[float], int, bool]], null: 
     with matplotlib.rc_context(_RC):
         top = top if top and top > 0 else max([max(v) for _, v, _ in panels if v] + [1.0])
         bins = np.linspace(0, top * 1.0001, 13)
-        rows, cols, fig = _grid(len(panels))
-        axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
-        for idx, ax in enumerate(axes.flat):
-            if idx >= len(panels):
-                ax.set_visible(False)
-                continue
-            name, values, n, significant = panels[idx]
-            _style(ax)
-            ax.grid(axis="y", color="#e2e8f0", linewidth=0.8)
+        fig, axes = _panel_grid(len(panels), "seeds", "strength to flip")
+        for ax, (name, values, n, significant) in zip(axes, panels):
             ax.hist(values, bins=bins, color=SIGNIFICANT if significant else PLAIN, alpha=0.75, label="flipped seeds")
             if null:
                 ax.hist(null, bins=bins, histtype="step", color=NULL, lw=1.3, ls="--", label="null control")
             ax.set_title(label(f"{name}  ({len(values)}/{n} flipped)", 34), loc="left")
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            if idx % cols == 0:
-                ax.set_ylabel("seeds")
-            if idx // cols == rows - 1 or idx + cols >= len(panels):
-                ax.set_xlabel("strength to flip")
-                ax.xaxis.set_tick_params(labelbottom=True)
         handles, labels = [], []
-        for ax in axes.flat:
+        for ax in axes:
             h, lab = ax.get_legend_handles_labels()
             for hh, ll in zip(h, lab):
                 if ll not in labels:
