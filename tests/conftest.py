@@ -64,7 +64,7 @@ def demo_config(tiny):
 
 @pytest.fixture(scope="session")
 def demo_models(demo_config):
-    from zoom.runner import load_models
+    from zoom.models import load_models
 
     return load_models(demo_config, "cpu")
 

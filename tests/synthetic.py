@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -40,17 +41,36 @@ def base_config(names, *, samples, mode="single", seed=0, generator=None, target
     }
 
 
-def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False) -> list[dict]:
-    """flips: {attribute name or 'null': [bool per seed]} -> records (status ok), in runner's shape."""
+def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False, statuses: dict | None = None) -> list[dict]:
+    """flips: {attribute name: [bool per seed], 'null': [bool per seed] or {attribute: [bool per seed]}}
+    -> records in runner's shape. In single and sweep mode every attribute gets its null twin (a list
+    under 'null' is every twin's outcome); in joint mode there is one shared null. statuses:
+    {(name or ('null', attribute)), seed index): status} marks items failed or skipped."""
     import random
 
     rng = rng or random.Random(0)
-    slugs = {a["name"]: slugify(i, a["name"]) for i, a in enumerate(config["prompts"]["attributes"])}
-    prompts = {a["name"]: a["prompt"] for a in config["prompts"]["attributes"]}
-    slugs[NULL_NAME], prompts[NULL_NAME] = NULL_NAME, config["prompts"]["null"]
+    statuses = statuses or {}
+    attributes = config["prompts"]["attributes"]
+    slugs = {a["name"]: slugify(i, a["name"]) for i, a in enumerate(attributes)}
+    prompts = {a["name"]: a["prompt"] for a in attributes}
+    null_prompt = config["prompts"].get("null") or "(random direction)"
+    null_prompt = null_prompt if isinstance(null_prompt, str) else null_prompt[0]
     seed0 = config["search"]["seed"]
-    records = []
+    twins = config["search"]["mode"] != "joint"
+    arms = []  # (record attribute, slug, prompt, pair, outcomes, status key)
     for name, outcomes in flips.items():
+        if name != NULL_NAME:
+            arms.append((name, slugs[name], prompts[name], None, outcomes, name))
+    null = flips.get(NULL_NAME)
+    if null is not None:
+        if twins:
+            for name in [a["name"] for a in attributes if a["name"] in flips]:
+                outcomes = null[name] if isinstance(null, dict) else null
+                arms.append((NULL_NAME, f"{NULL_NAME}-{slugs[name]}", null_prompt, name, outcomes, (NULL_NAME, name)))
+        else:
+            arms.append((NULL_NAME, NULL_NAME, null_prompt, None, null, NULL_NAME))
+    records = []
+    for name, slug, prompt, pair, outcomes, status_key in arms:
         for i, flipped in enumerate(outcomes):
             seed = seed0 + i
             base_pred = seed % len(CLASSES)
@@ -58,17 +78,28 @@ def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False) ->
             alpha = round(rng.choice([-1, 1]) * (rng.uniform(0.2, 3.0) if flipped else 3.0), 6)
             base_prob = round(rng.uniform(0.55, 0.9), 6)
             final_prob = round(base_prob - (rng.uniform(0.2, 0.5) if flipped else rng.uniform(0.0, 0.1)), 6)
+            change = round(rng.uniform(-0.01, 0.02), 6)
+            is_null = name == NULL_NAME
             record = {
-                "key": f"seed-{seed}/{slugs[name]}", "seed": seed, "attribute": name, "slug": slugs[name],
-                "prompt": prompts[name], "mode": config["search"]["mode"], "edit_space": "text", "precision": "fp32",
+                "key": f"seed-{seed}/{slug}", "seed": seed, "attribute": name, "slug": slug,
+                "prompt": prompt, "mode": config["search"]["mode"], "edit_space": "text", "precision": "fp32",
                 "base_pred": base_pred, "base_label": CLASSES[base_pred], "final_pred": final_pred,
                 "final_label": CLASSES[final_pred], "flipped": bool(flipped), "steps": 3 if flipped else 8,
-                "alpha": alpha, "delta_rel": 0.0, "strength": abs(alpha), "base_prob": base_prob,
-                "final_prob": final_prob, "validity": None if name == NULL_NAME else rng.random() < 0.7,
-                "validity_score": None if name == NULL_NAME else round(rng.uniform(-0.01, 0.02), 6),
-                "base_image": f"images/base/seed-{seed}.png", "counterfactual_image": f"images/{slugs[name]}/seed-{seed}.png",
-                "seconds": 0.5, "unet_calls": 4 if flipped else 9, "status": "ok",
+                "alpha": alpha, "delta_rel": 0.0, "strength": abs(alpha), "reach": abs(alpha), "base_prob": base_prob,
+                "final_prob": final_prob, "validity": None if is_null else (alpha > 0) == (change > 0),
+                "validity_score": None if is_null else round(math.copysign(1, alpha) * change, 6),
+                "judge_change": None if is_null else change,
+                "base_image": f"images/base/seed-{seed}.png", "counterfactual_image": f"images/{slug}/seed-{seed}.png",
+                "seconds": 0.5, "unet_calls": 4 if flipped else 9,
+                "status": statuses.get((status_key, i), "ok"),
             }
+            if pair is not None:
+                record["pair"] = pair
+            if is_null:
+                targets = [prompts[pair]] if pair else list(prompts.values())
+                record["judge_change_toward"] = {p: round(rng.uniform(-0.01, 0.02), 6) for p in targets}
+            if config["search"]["mode"] == "joint":
+                record["share"] = round(rng.uniform(0, 1), 6)
             if curves:
                 points = []
                 for a in GRID:
@@ -94,7 +125,7 @@ def _png(path: Path, seed: int, shade: int) -> None:
 
 def write_run(folder, flips: dict, *, mode: str = "single", seed: int = 0, generator=None, prompts=None,
               target="torchscript:/models/m.pt", command="zoom audit --config c.yaml", images=True,
-              curves: bool | None = None, rng=None) -> Path:
+              curves: bool | None = None, rng=None, statuses=None) -> Path:
     """A complete run directory (without report files) for these flip outcomes."""
     folder = Path(folder)
     names = [n for n in flips if n != NULL_NAME]
@@ -102,7 +133,8 @@ def write_run(folder, flips: dict, *, mode: str = "single", seed: int = 0, gener
     config = base_config(names, samples=samples, mode=mode, seed=seed, generator=generator, target=target)
     if prompts is not None:
         config["prompts"] = copy.deepcopy(prompts)
-    records = records_for(flips, config, rng=rng, curves=(mode == "sweep") if curves is None else curves)
+    records = records_for(flips, config, rng=rng, curves=(mode == "sweep") if curves is None else curves,
+                          statuses=statuses)
     (folder / "records").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run = {"start_time": "2026-01-01T00:00:00+00:00", "command": command, "device": "cpu", "precision": "fp32",

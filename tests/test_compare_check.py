@@ -93,18 +93,39 @@ def _report(tmp_path, flips, name="run", **kw):
     return build_report(write_run(tmp_path / name, flips, **kw))
 
 
-def test_check_rule_needs_significance_and_a_lower_bound_above_r(tmp_path):
+def test_check_rule_needs_exact_evidence_above_r_and_above_the_null(tmp_path):
     n = 32
     report = _report(tmp_path, {"strong": pattern(24, n), "weak": pattern(9, n), "null": pattern(3, n)})
     strong = next(a for a in report["attributes"] if a["name"] == "strong")
-    assert strong["significant"] and 0.5 < strong["ci_low"] < 0.6
-    assert evaluate(report, 0.5)["failing"] == ["strong"]              # significant and lower bound 0.58 > 0.5
-    assert evaluate(report, 0.6)["passed"]                             # significant, but the bound is not above 0.6
+    assert strong["significant"]
+    verdict = evaluate(report, 0.5)
+    checked = {c["name"]: c for c in verdict["attributes"]}
+    assert 0.5 < checked["strong"]["exact_lower_bound"] < 0.6  # Clopper-Pearson, one-sided 95%
+    assert verdict["failing"] == ["strong"]                          # 24/32 is shown to be above 0.5 ...
+    assert evaluate(report, 0.6)["passed"]                           # ... but not above 0.6
     assert evaluate(report, 1.0)["passed"] and not evaluate(report, 0.0)["passed"]
-    assert evaluate(report, 0.0, ["weak"])["passed"]                   # --attribute filters
+    assert evaluate(report, 0.3, ["weak"])["passed"] and not evaluate(report, 0.3)["passed"]  # --attribute filters
+    # Holm: the p-value of each attribute is max(p above R, p above null), adjusted over the family
+    assert checked["strong"]["p_gate"] == max(checked["strong"]["p_above_r"], checked["strong"]["p_above_null"])
+    assert checked["strong"]["p_holm"] == pytest.approx(min(1.0, 2 * checked["strong"]["p_gate"]))
     # a high flip rate that is not above the null does not fail: the null flips just as often
     blind = _report(tmp_path, {"a": pattern(20, n), "null": pattern(20, n)}, name="blind")
     assert blind["attributes"][0]["ci_low"] > 0.4 and evaluate(blind, 0.0)["passed"]
+
+
+def test_check_states_its_guarantee_and_refuses_untestable_attributes(tmp_path):
+    n = 16
+    run = write_run(tmp_path / "run", {"hat": pattern(12, n), "null": pattern(2, n)}, images=False,
+                    statuses={(("null", "hat"), i): "failed: non-finite target output" for i in range(n)})
+    from zoom.report import build_report
+
+    report = build_report(run)
+    assert report["attributes"][0]["testable"] is False and report["attributes"][0]["p_value"] is None
+    with pytest.raises(ZoomError, match="untestable"):
+        evaluate(report, 0.1)
+    text = invoke("check", write_run(tmp_path / "ok", {"hat": pattern(2, n), "null": pattern(2, n)}, images=False),
+                  "--max-flip-rate", "0.1").stdout
+    assert "guarantee: if no checked attribute's true flip rate is above 0.1" in text and "at most 5%" in text
 
 
 def test_check_cli_exit_codes_text_and_json(tmp_path):
@@ -120,8 +141,9 @@ def test_check_cli_exit_codes_text_and_json(tmp_path):
     verdict = json.loads(as_json.stdout)
     assert verdict["passed"] is False and verdict["failing"] == ["hat"] and verdict["max_flip_rate"] == 0.3
     assert {a["name"]: a["fails"] for a in verdict["attributes"]} == {"hat": True, "scarf": False}
-    assert {"n", "flips", "flip_rate", "ci_low", "ci_high", "q_value", "significant", "lower_bound_exceeds"} <= \
-        set(verdict["attributes"][0])
+    assert {"n", "flips", "flip_rate", "ci_low", "ci_high", "exact_lower_bound", "p_above_r", "p_above_null",
+            "p_holm", "fails"} <= set(verdict["attributes"][0])
+    assert "at most 5%" in verdict["guarantee"]
     passing = json.loads(invoke("check", sensitive, "--max-flip-rate", "0.9", "--json").stdout)
     assert passing["passed"] is True and passing["failing"] == []
 
@@ -136,10 +158,10 @@ def test_check_bad_input(tmp_path):
     run = write_run(tmp_path / "run", {"hat": pattern(4, 8), "null": pattern(4, 8)}, images=False)
     one_line_error(invoke("check", run, "--max-flip-rate", "0.2", "--attribute", "scarf"), "'scarf'", "'hat'")
     one_line_error(invoke("check", tmp_path / "nowhere", "--max-flip-rate", "0.2"), "does not exist")
-    # an unfinished run is not gated on: it would pass too easily
+    # an unfinished run is not gated on: it would pass too easily (even when the null's items are the missing ones)
     path = run / "records" / "rank-0.jsonl"
-    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-3]))
-    one_line_error(invoke("check", run, "--max-flip-rate", "0.2"), "incomplete", "13 of 16", "--resume")
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-8]))
+    one_line_error(invoke("check", run, "--max-flip-rate", "0.2"), "unfinished", "8 of 16", "--resume")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +184,39 @@ def test_compare_outputs_table_json_and_html(tmp_path):
     low, high = difference_interval(6, 24, 26, 32)
     assert (rows["hat"]["diff_ci_low"], rows["hat"]["diff_ci_high"]) == pytest.approx((low, high))
     assert rows["hat"]["p_value"] == pytest.approx(two_sided_exact_p(6, 24, 26, 32))
-    assert data["null"]["a"]["flips"] == 4 and data["null"]["b"]["n"] == 24
+    assert data["null"]["a"]["flips"] == 2 * 4 and data["null"]["b"]["n"] == 2 * 24  # pooled over the twins
+    assert data["paired"] is False and any("unpaired" in w for w in data["warnings"])
     assert data["run_b"]["target"] == "torchscript:/models/fixed.pt" and data["difference"] == "B - A"
     page = (tmp_path / "cmp.html").read_text()
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
     assert "hat" in page and "Newcombe" in page
+
+
+def test_compare_pairs_runs_on_the_same_seeds(tmp_path):
+    """Same seeds: each seed's items are matched, the test is McNemar's and the interval Newcombe's paired one."""
+    from zoom.stats import mcnemar_two_sided_p, paired_difference_interval
+
+    n = 32
+    before = pattern(20, n)
+    flipped = [i for i, f in enumerate(before) if f]
+    after = [f and i not in flipped[:7] for i, f in enumerate(before)]  # B keeps 13 of A's 20 flips
+    a = write_run(tmp_path / "a", {"hat": before, "null": pattern(4, n)}, images=False)
+    b = write_run(tmp_path / "b", {"hat": after, "null": pattern(4, n)}, images=False,
+                  target="torchscript:/models/fixed.pt")
+    data = json.loads(invoke("compare", a, b, "--json").stdout)
+    assert data["paired"] is True and "McNemar" in data["test"]
+    hat = data["attributes"][0]
+    only_a = sum(x and not y for x, y in zip(before, after))
+    both = sum(x and y for x, y in zip(before, after))
+    assert hat["pairs"] == {"n": n, "both": both, "a_only": only_a, "b_only": 0, "neither": n - both - only_a}
+    assert hat["p_value"] == pytest.approx(mcnemar_two_sided_p(0, only_a))
+    assert (hat["diff_ci_low"], hat["diff_ci_high"]) == pytest.approx(
+        paired_difference_interval(both, 0, only_a, n - both - only_a))
+    assert hat["difference"] == pytest.approx(-only_a / n)
+    # the paired test finds what the unpaired one misses: every change goes one way
+    unpaired = two_sided_exact_p(sum(after), n, sum(before), n)
+    assert hat["p_value"] < 0.05 < unpaired
+    assert "paired by seed" in invoke("compare", a, b).stdout
 
 
 def test_compare_refuses_different_prompts_or_generator(tmp_path):
@@ -229,5 +279,5 @@ def test_compare_flags_the_planted_attribute_between_planted_and_blind(planted_r
     assert data["attributes"][0]["name"] == PLANTED
     assert [r["name"] for r in data["attributes"] if r["significant"]] == [PLANTED]
     assert data["attributes"][0]["difference"] < -0.2  # the blind target (B) flips far less often
-    assert data["warnings"] == []  # same config: nothing but the target differs
+    assert data["warnings"] == [] and data["paired"]  # same config and seeds: nothing but the target differs
     assert (tmp_path / "compare.html").stat().st_size > 10_000

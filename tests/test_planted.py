@@ -21,6 +21,28 @@ def test_planted_attribute_is_found_first_and_significant(planted_run):
     assert ranked[0]["flip_rate"] >= report["null"]["flip_rate"] + 0.3
 
 
+def test_larger_edits_that_the_target_does_not_read_are_not_significant(planted_run):
+    """The null twin of each attribute is as large as the attribute's own edit and searched with the same
+    objective. eyeglasses and hat move the conditioning further than the paraphrase does, and their image
+    change is orthogonal to the planted readout: matched in size, their nulls flip as often as they do."""
+    import os
+
+    from planted import DOMAIN, PROMPTS
+    from zoom.generator import Generator
+
+    out, report = planted_run
+    generator = Generator.from_pretrained(os.path.join(os.environ["ZOOM_TINY"], "sd"), resolution=64)
+    domain = generator.embed(DOMAIN)
+    norm = {name: float((generator.embed(p) - domain).norm()) for name, p in PROMPTS.items()}
+    larger = [name for name in ("eyeglasses", "hat") if norm[name] > 1.1 * norm["null"]]
+    assert larger == ["eyeglasses", "hat"], norm
+    rows = {a["name"]: a for a in report["attributes"]}
+    for name in larger:
+        assert not rows[name]["significant"], rows[name]
+        assert rows[name]["pairs"]["n"] == rows[name]["n"]  # every seed paired with its null twin
+    assert rows[PLANTED]["significant"]
+
+
 def test_attribute_blind_target_has_nothing_significant(blind_run):
     out, report = blind_run
     assert not any(a["significant"] for a in report["attributes"])

@@ -48,7 +48,7 @@ def test_shipped_files_are_found():
 def test_shipped_prompt_file_loads(path):
     ps = load_prompts(path)
     assert ps.domain.strip()
-    assert ps.null is not None and ps.null.strip() and ps.null != ps.domain
+    assert ps.nulls and all(p.strip() and p != ps.domain for p in ps.nulls)
     assert len(ps.attributes) >= 4
     assert len({a.name.lower() for a in ps.attributes}) == len(ps.attributes)
     assert len({a.slug for a in ps.attributes}) == len(ps.attributes)
@@ -257,18 +257,27 @@ GOOD_ATTRS = ('attributes:\n'
               '  - name: smile\n    prompt: "a photo of a smiling face"\n')
 
 
+def test_null_may_be_a_list_of_paraphrases(tmp_path):
+    path = _write(tmp_path / "p.yaml", 'domain: "a photo of a face"\n' + GOOD_ATTRS +
+                  'null:\n  - "a picture of a face"\n  - "an image of a face"\n  - "a picture of a face"\n')
+    ps = load_prompts(path)
+    assert ps.nulls == ("a picture of a face", "an image of a face")  # duplicates counted once
+    assert ps.to_dict()["null"] == ["a picture of a face", "an image of a face"]
+    assert load_prompts(ps.to_dict()) == ps  # the resolved config's copy reads back the same
+
+
 def test_bare_null_key_is_the_null_paraphrase(tmp_path):
     path = _write(tmp_path / "p.yaml", 'domain: "a photo of a face"\n' + GOOD_ATTRS + 'null: "a picture of a face"\n')
     assert None in yaml.safe_load(path.read_text())  # YAML really reads the key as None
     ps = load_prompts(path)
-    assert ps.null == "a picture of a face"
+    assert ps.nulls == ("a picture of a face",)
     assert [a.name for a in ps.attributes] == ["eyeglasses", "smile"]
     assert ps.to_dict()["null"] == "a picture of a face"
     # quoted "null" key and no null at all
     quoted = _write(tmp_path / "q.yaml", 'domain: "a photo of a face"\n' + GOOD_ATTRS + '"null": "a picture of a face"\n')
-    assert load_prompts(quoted).null == "a picture of a face"
+    assert load_prompts(quoted).nulls == ("a picture of a face",)
     none = _write(tmp_path / "n.yaml", 'domain: "a photo of a face"\n' + GOOD_ATTRS)
-    assert load_prompts(none).null is None
+    assert load_prompts(none).nulls == ()
     assert "null" not in load_prompts(none).to_dict()
 
 
@@ -297,6 +306,10 @@ def test_prompts_from_mapping_equal_file(tmp_path):
     ('domain: "a photo of a face"\nattributes:\n  - {name: a}\n', r"attributes\[0\]"),
     ('domain: "a photo of a face"\nattributes:\n  - {name: a, prompt: "a photo of a face"}\n', "domain"),
     ('domain: "a photo of a face"\nattributes:\n  - {name: a, prompt: "a smiling face"}\nnull: 3\n', "null"),
+    ('domain: "a photo of a face"\nattributes:\n  - {name: a, prompt: "a smiling face"}\nnull: []\n', "null"),
+    ('domain: "a photo of a face"\nattributes:\n  - {name: a, prompt: "a smiling face"}\nnull: ["a face", 3]\n', "null"),
+    ('domain: "a photo of a face"\nattributes:\n  - {name: a, prompt: "a smiling face"}\nnull: ["a photo of a face"]\n',
+     "domain prompt itself"),
     ('domain: "a photo of a face"\nattributes:\n  - {name: a, prompt: "a smiling face"}\nextra: 1\n', "extra"),
 ])
 def test_bad_prompt_files_raise(tmp_path, text, match):

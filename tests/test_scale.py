@@ -221,7 +221,8 @@ class NanForBrightImages(torch.nn.Module):
 
 
 def test_non_finite_outputs_fail_their_items_and_the_run_goes_on(tmp_path, demo_config, demo_models):
-    from zoom.runner import Models, run_audit
+    from zoom.models import Models
+    from zoom.runner import run_audit
     from zoom.targets import Target
 
     config = dataclasses.replace(demo_config, search=dataclasses.replace(demo_config.search, samples=8))
@@ -288,7 +289,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 
 
 def test_loop_decoder_searches_with_taesd_and_judges_with_the_full_vae(tmp_path, tiny, demo_config):
-    from zoom.runner import load_models, run_audit
+    from zoom.models import load_models
+    from zoom.runner import run_audit
 
     generator = dataclasses.replace(demo_config.generator, loop_decoder=str(tiny["taesd"]))
     config = dataclasses.replace(demo_config, generator=generator,

@@ -1,4 +1,4 @@
-"""zoom.stats checked against independent implementations (statsmodels, exact hypergeometric sums)."""
+"""zoom.stats checked against independent implementations (statsmodels, exact binomial sums, simulation)."""
 
 import math
 from fractions import Fraction
@@ -7,7 +7,9 @@ import pytest
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
-from zoom.stats import bh_qvalues, greater_than_null_p, wilson_interval
+from zoom.stats import (bh_qvalues, censored_quantiles, difference_interval, exact_lower_bound, holm_adjusted,
+                        mcnemar_greater_p, mcnemar_two_sided_p, paired_difference_interval, rate_above_p,
+                        wilson_interval)
 
 # ---------------------------------------------------------------------------------------------
 # Wilson interval
@@ -100,55 +102,133 @@ def test_bh_edge_cases():
 
 
 # ---------------------------------------------------------------------------------------------
-# One-sided Fisher exact test vs an exact hypergeometric tail
+# Exact McNemar tests vs binomial tails and statsmodels
 # ---------------------------------------------------------------------------------------------
 
 
-def textbook_fisher_greater(flips, n, null_flips, null_n):
-    """P(X >= flips), X ~ Hypergeom(population n + null_n, successes flips + null_flips, draws n)."""
-    total = n + null_n
-    successes = flips + null_flips
-    denom = math.comb(total, n)
-    tail = sum(math.comb(successes, x) * math.comb(total - successes, n - x)
-               for x in range(flips, min(n, successes) + 1))
-    return float(Fraction(tail, denom))
+def textbook_binomial_upper_tail(k, m):
+    """P(X >= k), X ~ Binomial(m, 1/2), exactly."""
+    return float(Fraction(sum(math.comb(m, x) for x in range(k, m + 1)), 2 ** m))
 
 
-FISHER_TABLES = [
-    (0, 10, 0, 10),  # no flips anywhere -> p = 1
-    (10, 10, 0, 10),  # all attribute samples flip, none of the null
-    (0, 10, 10, 10),  # attribute never flips, null always -> p = 1
-    (10, 10, 10, 10),  # everything flips -> p = 1
-    (0, 8, 3, 8),
-    (5, 8, 1, 8),
-    (3, 8, 3, 8),
-    (7, 20, 2, 20),
-    (20, 64, 4, 64),
-    (1, 1, 0, 1),
-    (1, 1, 0, 5),
-    (12, 30, 0, 50),
-    (2, 5, 4, 40),
-    (64, 64, 0, 64),
-]
+DISCORDANT = [(0, 0), (1, 0), (0, 1), (5, 0), (0, 5), (3, 3), (7, 2), (2, 7), (12, 4), (20, 20), (40, 25)]
 
 
-@pytest.mark.parametrize("flips,n,null_flips,null_n", FISHER_TABLES)
-def test_fisher_matches_hypergeometric_tail(flips, n, null_flips, null_n):
-    p = greater_than_null_p(flips, n, null_flips, null_n)
-    ref = textbook_fisher_greater(flips, n, null_flips, null_n)
-    assert p == pytest.approx(ref, rel=1e-9, abs=1e-15)
-    assert 0.0 <= p <= 1.0
+@pytest.mark.parametrize("b,c", DISCORDANT)
+def test_mcnemar_one_sided_matches_binomial_tail(b, c):
+    p = mcnemar_greater_p(b, c)
+    assert p == pytest.approx(textbook_binomial_upper_tail(b, b + c) if b + c else 1.0, rel=1e-9, abs=1e-15)
 
 
-def test_fisher_known_values():
-    assert greater_than_null_p(0, 10, 0, 10) == pytest.approx(1.0)
-    assert greater_than_null_p(10, 10, 10, 10) == pytest.approx(1.0)
-    # 10/10 vs 0/10: only one table this extreme, 1 / C(20, 10)
-    assert greater_than_null_p(10, 10, 0, 10) == pytest.approx(1 / math.comb(20, 10), rel=1e-9)
-    # one-sided: more flips in the attribute gives a smaller p-value
-    assert greater_than_null_p(8, 20, 2, 20) < greater_than_null_p(4, 20, 2, 20) < greater_than_null_p(1, 20, 2, 20)
+@pytest.mark.parametrize("b,c", DISCORDANT)
+def test_mcnemar_two_sided_matches_statsmodels(b, c):
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    ref = mcnemar([[10, b], [c, 10]], exact=True).pvalue
+    assert mcnemar_two_sided_p(b, c) == pytest.approx(min(1.0, ref), rel=1e-9, abs=1e-15)
 
 
-@pytest.mark.parametrize("args", [(0, 0, 3, 10), (3, 10, 0, 0), (0, 0, 0, 0)])
-def test_fisher_empty_group_is_nan(args):
-    assert math.isnan(greater_than_null_p(*args))
+def test_mcnemar_ignores_concordant_pairs_and_is_one_sided():
+    # attribute-only 8 vs null-only 0: 1/2^8 whatever the concordant seeds
+    assert mcnemar_greater_p(8, 0) == pytest.approx(1 / 256)
+    assert mcnemar_greater_p(0, 8) == pytest.approx(1.0)
+    assert mcnemar_greater_p(0, 0) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Holm, Clopper-Pearson, the gate's rate test
+# ---------------------------------------------------------------------------------------------
+
+
+def test_holm_matches_statsmodels():
+    pvalues = [0.01, 0.04, 0.03, 0.2, 0.0001, 0.5, 0.049]
+    ref = multipletests(pvalues, method="holm")[1]
+    assert holm_adjusted(pvalues) == pytest.approx(list(ref), rel=1e-12)
+    with_nan = holm_adjusted([0.01, float("nan"), 0.04])
+    assert math.isnan(with_nan[1]) and with_nan[0] == pytest.approx(0.02) and with_nan[2] == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("k,n", [(0, 16), (3, 16), (16, 16), (10, 64), (50, 128), (1, 1)])
+def test_exact_lower_bound_is_clopper_pearson(k, n):
+    low, _ = proportion_confint(k, n, alpha=0.10, method="beta")  # one-sided 95% = two-sided 90%
+    assert exact_lower_bound(k, n) == pytest.approx(low, abs=1e-9)
+
+
+def test_rate_above_is_the_exact_binomial_tail():
+    from scipy.stats import binom
+
+    assert rate_above_p(7, 20, 0.2) == pytest.approx(binom.sf(6, 20, 0.2), rel=1e-9)
+    assert rate_above_p(0, 20, 0.2) == pytest.approx(1.0)
+    assert rate_above_p(3, 20, 1.0) == 1.0 and math.isnan(rate_above_p(0, 0, 0.2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Newcombe's paired interval
+# ---------------------------------------------------------------------------------------------
+
+
+def test_paired_interval_without_correlation_is_the_hybrid_interval_of_the_margins():
+    # AD - BC = 0: phi = 0, so the interval is the independent-samples hybrid interval of the margins
+    low, high = paired_difference_interval(both=4, only_1=4, only_2=4, neither=4)
+    ref = difference_interval(8, 16, 8, 16)
+    assert (low, high) == pytest.approx(ref, abs=1e-12)
+
+
+def test_paired_interval_narrows_with_positive_correlation_and_stays_in_range():
+    independent = paired_difference_interval(25, 25, 5, 45)
+    correlated = paired_difference_interval(45, 5, 0, 50)  # same margins shifted: most pairs agree
+    assert correlated[1] - correlated[0] < independent[1] - independent[0]
+    for table in [(0, 0, 0, 10), (10, 0, 0, 0), (0, 10, 0, 0), (0, 0, 10, 0), (3, 0, 0, 0)]:
+        low, high = paired_difference_interval(*table)
+        assert -1.0 <= low <= high <= 1.0
+
+
+def test_paired_interval_covers_the_true_difference():
+    """Simulated coverage of the 95% interval on correlated pairs: at least 93% in every setting."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for n, p1, p2, rho in [(32, 0.3, 0.3, 0.5), (64, 0.4, 0.2, 0.3), (32, 0.1, 0.05, 0.6), (128, 0.5, 0.45, 0.8)]:
+        hits = 0
+        for _ in range(1000):
+            z = rng.multivariate_normal([0, 0], [[1, rho], [rho, 1]], size=n)
+            from scipy.stats import norm
+
+            x1, x2 = z[:, 0] < norm.ppf(p1), z[:, 1] < norm.ppf(p2)
+            a, b, c = int((x1 & x2).sum()), int((x1 & ~x2).sum()), int((~x1 & x2).sum())
+            low, high = paired_difference_interval(a, b, c, n - a - b - c)
+            hits += low <= p1 - p2 <= high
+        assert hits / 1000 >= 0.93, (n, p1, p2, rho, hits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kaplan-Meier strength quantiles vs statsmodels' SurvfuncRight
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flipped,censored", [
+    ([0.5, 1.0, 1.5, 2.0], []),
+    ([0.2, 0.4, 0.9], [3.0, 3.0, 3.0, 3.0, 3.0]),
+    ([0.3, 1.2, 2.2, 2.9], [1.0, 1.5, 3.0]),
+    ([1.0] * 6, [0.5, 2.0]),
+])
+def test_censored_quantiles_match_statsmodels(flipped, censored):
+    from statsmodels.duration.survfunc import SurvfuncRight
+
+    times = flipped + censored
+    status = [1] * len(flipped) + [0] * len(censored)
+    sf = SurvfuncRight(times, status)
+    for q, ours in zip((0.25, 0.5, 0.75), censored_quantiles(flipped, censored)):
+        ref = sf.quantile(q)
+        if ours is None:
+            assert math.isnan(ref)
+        else:
+            assert ours == pytest.approx(ref)
+
+
+def test_censored_median_is_not_the_median_of_the_flipped():
+    # 8 of 64 seeds flip at 0.2: the median strength is not reached ("> limit"), not 0.2
+    q25, q50, q75 = censored_quantiles([0.2] * 8, [3.0] * 56)
+    assert q25 is None and q50 is None and q75 is None
+    assert censored_quantiles([1.5] * 64, [])[1] == pytest.approx(1.5)
+    assert censored_quantiles([], [3.0]) == [None, None, None]

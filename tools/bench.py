@@ -52,7 +52,7 @@ def timed(fn, device, repeats=3):
 
 def tiny_models(device):
     from zoom.config import load_config
-    from zoom.runner import load_models
+    from zoom.models import load_models
     from zoom.tiny import build_tiny_models
 
     paths = build_tiny_models()
@@ -72,7 +72,7 @@ def full_size_models(device, loop_decoder: bool, resolution: int | None = None):
     from zoom.config import SearchConfig
     from zoom.generator import Generator
     from zoom.guide import Clip
-    from zoom.runner import Models
+    from zoom.models import Models
     from zoom.targets import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target, make_criterion
     from zoom.tiny import build_tiny_models
 
@@ -230,7 +230,7 @@ def main():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     from zoom.prompts import load_prompts
-    from zoom.runner import make_edits
+    from zoom.edits import Edits
     from zoom.search import Searcher
     from zoom.targets import make_criterion
 
@@ -255,7 +255,8 @@ def main():
     models.target = planted_target(models.generator, list(range(10_000, 10_000 + max(8, batch))), real_target)
     models.criterion = make_criterion("multiclass")  # the readout's two classes
     prompts = load_prompts({"domain": DOMAIN, "attributes": [{"name": "smile", "prompt": ATTRIBUTE}], "null": NULL})
-    edits = make_edits(models, prompts, seed=0)
+    edits = Edits(models.generator, models.guide, prompts, seed=0)
+    arms = edits.arms()
     searcher = Searcher(models.generator, models.guide, models.target, models.criterion, search, precision)
     seeds = list(range(args.samples))
     outcomes = []
@@ -263,11 +264,11 @@ def main():
     start = time.perf_counter()
     for i in range(0, len(seeds), batch):
         base = searcher.base(seeds[i:i + batch], DOMAIN)
-        for _, edit in edits:
-            outcomes.append(searcher.optimise(base, edit, DOMAIN, search.edit_space))
+        for arm in arms:
+            outcomes.append(searcher.optimise(base, edits.edit(arm, base.seeds), DOMAIN, search.edit_space))
     sync(device)
     elapsed = time.perf_counter() - start
-    count = len(seeds) * len(edits)
+    count = len(seeds) * len(arms)
     steps = [s for o in outcomes for s in o.steps]
     calls = [c for o in outcomes for c in o.unet_calls]
     flip_rate = sum(f for o in outcomes for f in o.flipped) / count
@@ -277,7 +278,7 @@ def main():
     timing = dataclasses.replace(search, max_steps=args.timing_steps)
     engine = Searcher(models.generator, models.guide, models.target, NeverFlips(models.criterion), timing, precision)
     base = engine.base(timing_seeds, DOMAIN)
-    edit = edits[0][1]
+    edit = edits.edit(arms[0], timing_seeds)
 
     def engine_run(steps):
         engine.cfg = dataclasses.replace(timing, max_steps=steps)

@@ -19,7 +19,8 @@ _SHORT_KEYS = {"samples": "search.samples", "mode": "search.mode", "prompts": "p
 def audit(config, out_dir, *, target=None, resume: bool = False, progress: bool = True, **overrides) -> dict:
     """Run (or, with resume, continue) an audit and return the report dict (report.json's content)."""
     from .config import Config, load_config
-    from .runner import load_models, pick_device, prepare_run_dir, run_audit
+    from .models import load_models, pick_device
+    from .runner import prepare_run_dir, run_audit
 
     dotted = {_SHORT_KEYS.get(k, k.replace("_", ".", 1)): v for k, v in overrides.items()}
     if isinstance(config, Config):

@@ -1,12 +1,13 @@
 """`zoom check RUN_DIR --max-flip-rate R`: a pre-deployment gate on a finished run (DESIGN §3).
 
-An attribute fails the gate when both hold:
-- its flip rate is significantly above the null control's (`significant`: one-sided Fisher exact
-  test, Benjamini-Hochberg q < 0.05 over the run's attributes), and
-- its 95% Wilson lower bound `ci_low` exceeds R: the data show, not merely suggest, a flip rate above R.
-The run fails (exit 1) when any checked attribute fails; it passes (exit 0) otherwise. A pass is not
-proof of robustness: with few seeds the intervals are wide and little can be shown either way, so
-the result lists every checked attribute's upper bound too.
+An attribute fails the gate when the data show both that its flip rate exceeds R and that it exceeds
+its null control's. Per attribute that is an intersection-union test: the p-value is the larger of
+  - an exact one-sided binomial test of "flip rate > R" (Clopper-Pearson's), and
+  - the exact one-sided McNemar test against its null control on the same seeds (the report's p),
+and Holm's procedure over the checked attributes keeps the family-wise error at 5%: when no checked
+attribute truly flips more often than R (or than its null), the gate fails a run at most 5% of the
+time, however many attributes are checked. A pass is not proof of robustness: with few seeds little
+can be shown either way, so the result lists every checked attribute's upper bound too.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from __future__ import annotations
 import math
 
 from .errors import ZoomError
-from .report.aggregate import build_report
+from .report.aggregate import build_report, format_p
+from .stats import exact_lower_bound, holm_adjusted, rate_above_p
 
-RULE = ("an attribute fails when its flip rate is significantly above the null control's "
-        "(BH q < {level}) and its 95% Wilson lower bound exceeds {r}")
+FAMILY_WISE_ERROR = 0.05
+RULE = ("an attribute fails when exact tests show its flip rate is above {r} and above its null control's "
+        "(the larger of the two one-sided p-values, Holm-adjusted over the {m} checked attribute(s), below {level})")
+GUARANTEE = ("if no checked attribute's true flip rate is above {r} (or above its null control's), this check fails "
+             "a run at most {pct}% of the time")
 
 
 def validate_threshold(value) -> float:
@@ -31,8 +36,12 @@ def validate_threshold(value) -> float:
 
 
 def evaluate(report: dict, max_flip_rate, attributes=None) -> dict:
-    """The gate's verdict on a report; ZoomError for bad input (threshold, names, untestable run)."""
+    """The gate's verdict on a report; ZoomError for bad input (threshold, names, unfinished or untestable run)."""
     r = validate_threshold(max_flip_rate)
+    done = report.get("completeness") or {}
+    if done and not done.get("complete", True):
+        raise ZoomError(f"the run is unfinished ({done['finished']} of {done['expected']} items); finish it with "
+                        "`zoom audit --config ... --out RUN_DIR --resume` before gating on it")
     rows = report["attributes"]
     known = [a["name"] for a in rows]
     if attributes:
@@ -41,37 +50,36 @@ def evaluate(report: dict, max_flip_rate, attributes=None) -> dict:
             raise ZoomError(f"--attribute {unknown[0]!r} is not an attribute of this run; "
                             f"its attributes are: {', '.join(map(repr, known))}")
         rows = [a for a in rows if a["name"] in set(attributes)]
-    null = report["null"]
-    if not null.get("n"):
-        raise ZoomError("the run's null control has no successful items, so no attribute can be tested against it; "
-                        "rerun the audit (see the failed records for why)")
-    untestable = [a["name"] for a in rows if not a.get("n")]
-    if untestable:
-        raise ZoomError(f"attribute {untestable[0]!r} has no successful items (all failed), so the check cannot "
+    empty = [a["name"] for a in rows if not a.get("n")]
+    if empty:
+        raise ZoomError(f"attribute {empty[0]!r} has no successful items (all failed), so the check cannot "
                         "judge it; rerun the audit or leave it out with --attribute")
-    done = report.get("completeness") or {}
-    if done and not done.get("complete", True):
-        raise ZoomError(f"the run is incomplete ({done['finished']} of {done['expected']} items finished); finish it "
-                        "with `zoom audit --config ... --out RUN_DIR --resume` before gating on it")
+    untestable = [a["name"] for a in rows if a.get("p_value") is None]
+    if untestable:
+        raise ZoomError(f"attribute {untestable[0]!r} is untestable: its null control finished on none of its seeds "
+                        "(see the failed records for why); rerun the audit or leave it out with --attribute")
+    p_rate = [rate_above_p(a["flips"], a["n"], r) for a in rows]
+    p_gate = [max(pr, a["p_value"]) for pr, a in zip(p_rate, rows)]
+    adjusted = holm_adjusted(p_gate)
     checked = []
-    for a in rows:
-        exceeds = a["ci_low"] is not None and a["ci_low"] > r
+    for a, pr, pg, adj in zip(rows, p_rate, p_gate, adjusted):
         checked.append({
             "name": a["name"], "n": a["n"], "flips": a["flips"], "flip_rate": a["flip_rate"],
-            "ci_low": a["ci_low"], "ci_high": a["ci_high"], "p_value": a.get("p_value"), "q_value": a.get("q_value"),
-            "significant": bool(a.get("significant")), "lower_bound_exceeds": bool(exceeds),
-            "fails": bool(a.get("significant") and exceeds),
+            "ci_low": a["ci_low"], "ci_high": a["ci_high"], "exact_lower_bound": exact_lower_bound(a["flips"], a["n"]),
+            "null_flip_rate": a.get("null_flip_rate"), "p_above_r": pr, "p_above_null": a["p_value"],
+            "p_gate": pg, "p_holm": adj, "fails": bool(adj < FAMILY_WISE_ERROR),
         })
     failing = [c["name"] for c in checked if c["fails"]]
-    level = report.get("significance_level", 0.05)
+    null = report["null"]
     return {
         "passed": not failing,
         "max_flip_rate": r,
-        "rule": RULE.format(level=level, r=r),
+        "rule": RULE.format(r=f"{r:g}", m=len(checked), level=FAMILY_WISE_ERROR),
+        "guarantee": GUARANTEE.format(r=f"{r:g}", pct=round(100 * FAMILY_WISE_ERROR)),
         "failing": failing,
         "attributes": checked,
         "null": {k: null.get(k) for k in ("n", "flips", "flip_rate", "ci_low", "ci_high")},
-        "significance_level": level,
+        "family_wise_error": FAMILY_WISE_ERROR,
     }
 
 
@@ -88,28 +96,30 @@ def _fmt(x, spec=".2f"):
 
 def check_text(result: dict) -> str:
     r = result["max_flip_rate"]
-    null = result["null"]
     lines = []
     if result["passed"]:
-        lines.append(f"zoom check: PASS: no attribute's flip rate is significantly above the null control with a 95% "
-                     f"lower bound above {r:g} ({len(result['attributes'])} attribute(s) checked)")
+        lines.append(f"zoom check: PASS: no attribute is shown to flip the target more often than {r:g} and more often "
+                     f"than its null control ({len(result['attributes'])} attribute(s) checked)")
     else:
-        lines.append(f"zoom check: FAIL: {len(result['failing'])} attribute(s) flip the target significantly more often "
-                     f"than the null control, with a 95% lower bound above {r:g}:")
+        lines.append(f"zoom check: FAIL: {len(result['failing'])} attribute(s) flip the target more often than {r:g} "
+                     "and more often than their null control:")
         for c in result["attributes"]:
             if c["fails"]:
                 lines.append(f"  {c['name']}: {c['flips']}/{c['n']} seeds flipped, flip rate {_fmt(c['flip_rate'])} "
-                             f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] > {r:g}, q = {_fmt(c['q_value'], '.3g')} "
-                             f"(null {_fmt(null['flip_rate'])})")
+                             f"(exact 95% lower bound {_fmt(c['exact_lower_bound'])} > {r:g}), null "
+                             f"{_fmt(c['null_flip_rate'])} on the same seeds, Holm p = {format_p(c['p_holm'])}")
     lines.append("")
-    rows = [("attribute", "flips/n", "flip rate [95% CI]", "q", "sig", "lower > R", "verdict")]
+    rows = [("attribute", "flips/n", "flip rate [95% CI]", "lower bound", "null", "p > R", "p > null", "Holm p",
+             "verdict")]
     for c in result["attributes"]:
         rows.append((c["name"][:28], f"{c['flips']}/{c['n']}",
                      f"{_fmt(c['flip_rate'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]",
-                     _fmt(c["q_value"], ".3g"), "*" if c["significant"] else "",
-                     "yes" if c["lower_bound_exceeds"] else "no", "FAIL" if c["fails"] else "ok"))
+                     _fmt(c["exact_lower_bound"]), _fmt(c["null_flip_rate"]), format_p(c["p_above_r"]),
+                     format_p(c["p_above_null"]), format_p(c["p_holm"]), "FAIL" if c["fails"] else "ok"))
+    null = result["null"]
     rows.append(("null", f"{null['flips']}/{null['n']}",
-                 f"{_fmt(null['flip_rate'])} [{_fmt(null['ci_low'])}, {_fmt(null['ci_high'])}]", "-", "", "", "reference"))
+                 f"{_fmt(null['flip_rate'])} [{_fmt(null['ci_low'])}, {_fmt(null['ci_high'])}]", "", "", "", "", "",
+                 "reference"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     table.insert(1, "  ".join("-" * w for w in widths))
@@ -120,4 +130,5 @@ def check_text(result: dict) -> str:
             lines.append(f"note: a pass is not proof of robustness: flip rates up to {highest:.2f} (highest upper 95% "
                          f"bound) are still compatible with this run; more seeds narrow the intervals")
     lines.append(f"rule: {result['rule']}")
+    lines.append(f"guarantee: {result['guarantee']}")
     return "\n".join(lines)

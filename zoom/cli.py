@@ -175,7 +175,7 @@ def compare(run_a, run_b, as_json, html_path):
     result = compare_runs(run_a, run_b)
     if html_path:
         from .report.html import render_compare
-        from .runner import atomic_write
+        from .rundir import atomic_write
 
         if not Path(html_path).resolve().parent.is_dir():
             raise ZoomError(f"--html {html_path!r}: its folder does not exist")

@@ -1,8 +1,13 @@
 """`zoom compare RUN_A RUN_B`: the same attributes in two runs side by side.
 
-Per attribute: both flip rates with their Wilson intervals, the difference B - A with Newcombe's
-hybrid score interval, a two-sided Fisher exact test of equal rates, and Benjamini-Hochberg q-values
-across the attributes. The null control is compared too, as a reference outside the BH family.
+Per attribute: both flip rates with their Wilson intervals, the difference B - A with a 95% interval,
+an exact two-sided test of equal rates, and Benjamini-Hochberg q-values across the attributes. The
+null control is compared too, as a reference outside the BH family.
+
+When both runs drew the same seeds (same first seed and count, same generator), an attribute's items
+are paired by seed: the test is an exact McNemar test on the seeds where both runs finished, and the
+interval Newcombe's paired score interval. Otherwise the runs are unpaired samples: Fisher's exact
+test and Newcombe's hybrid score interval.
 
 Two runs are comparable when they audit the same prompts (domain, attributes, null) with the same
 generator; the target, the number of seeds, the precision or the hardware may differ. Differences in
@@ -16,8 +21,9 @@ from pathlib import Path
 
 from .errors import ZoomError
 from .prompts import NULL_NAME
-from .report.aggregate import SIGNIFICANCE, build_report
-from .stats import bh_qvalues, difference_interval, two_sided_exact_p
+from .report.aggregate import SIGNIFICANCE, format_p
+from .stats import (bh_qvalues, difference_interval, mcnemar_two_sided_p, paired_difference_interval,
+                    two_sided_exact_p)
 
 SCHEMA_VERSION = 1
 # generator keys that change memory or speed but not a single image
@@ -83,12 +89,40 @@ def _side(row: dict) -> dict:
     return {k: row.get(k) for k in keys if k in row}
 
 
-def _row(name: str, prompt, a: dict, b: dict) -> dict:
-    low, high = difference_interval(b["flips"], b["n"], a["flips"], a["n"])
-    p = two_sided_exact_p(b["flips"], b["n"], a["flips"], a["n"])
+def _row(name: str, prompt, a: dict, b: dict, pairs: dict | None) -> dict:
+    """One attribute (or the null) in both runs; pairs: the by-seed table of A's and B's outcomes, or
+    None for unpaired runs."""
+    if pairs is not None:
+        low, high = paired_difference_interval(pairs["both"], pairs["b_only"], pairs["a_only"], pairs["neither"])
+        p = mcnemar_two_sided_p(pairs["b_only"], pairs["a_only"]) if pairs["n"] else float("nan")
+    else:
+        low, high = difference_interval(b["flips"], b["n"], a["flips"], a["n"])
+        p = two_sided_exact_p(b["flips"], b["n"], a["flips"], a["n"])
     diff = b["flip_rate"] - a["flip_rate"] if a["n"] and b["n"] else None
-    return {"name": name, "prompt": prompt, "a": _side(a), "b": _side(b), "difference": _nan_to_none(diff),
-            "diff_ci_low": _nan_to_none(low), "diff_ci_high": _nan_to_none(high), "p_value": _nan_to_none(p)}
+    if pairs is not None:
+        diff = (pairs["b_only"] - pairs["a_only"]) / pairs["n"] if pairs["n"] else None
+    row = {"name": name, "prompt": prompt, "a": _side(a), "b": _side(b), "difference": _nan_to_none(diff),
+           "diff_ci_low": _nan_to_none(low), "diff_ci_high": _nan_to_none(high), "p_value": _nan_to_none(p)}
+    if pairs is not None:
+        row["pairs"] = pairs
+    return row
+
+
+def _paired_table(records_a: list[dict], records_b: list[dict]) -> dict:
+    """A's and B's outcomes on the items both runs finished, matched by key (seed and arm)."""
+    ok_a = {r["key"]: bool(r["flipped"]) for r in records_a if r["status"] == "ok"}
+    ok_b = {r["key"]: bool(r["flipped"]) for r in records_b if r["status"] == "ok"}
+    table = {"n": 0, "both": 0, "a_only": 0, "b_only": 0, "neither": 0}
+    for key in ok_a.keys() & ok_b.keys():
+        a, b = ok_a[key], ok_b[key]
+        table["n"] += 1
+        table["both" if a and b else "a_only" if a else "b_only" if b else "neither"] += 1
+    return table
+
+
+def same_seeds(report_a: dict, report_b: dict) -> bool:
+    sa, sb = ((r["run"].get("config") or {}).get("search") or {} for r in (report_a, report_b))
+    return sa.get("seed") == sb.get("seed") and sa.get("samples") == sb.get("samples") and sa.get("seed") is not None
 
 
 def _describe(report: dict, path) -> dict:
@@ -98,28 +132,45 @@ def _describe(report: dict, path) -> dict:
             "precision": report["run"].get("precision"), "end_time": report["run"].get("end_time")}
 
 
-def compare_reports(report_a: dict, report_b: dict, path_a="A", path_b="B") -> dict:
-    """The comparison of two reports (ZoomError when their prompts or generator differ)."""
+def compare_reports(report_a: dict, report_b: dict, path_a="A", path_b="B", records_a=None, records_b=None) -> dict:
+    """The comparison of two reports (ZoomError when their prompts or generator differ). With both
+    runs' records and the same seeds, items are paired by seed."""
     refuse, warnings = comparability(report_a, report_b)
     if refuse:
         raise ZoomError(f"cannot compare {str(path_a)!r} with {str(path_b)!r}: they differ in "
                         f"{'; '.join(refuse[:3])}{' …' if len(refuse) > 3 else ''}. compare needs runs of the same "
                         "prompt set and generator (the target, seeds and hardware may differ)")
+    paired = records_a is not None and records_b is not None and same_seeds(report_a, report_b)
+
+    def table(name):
+        if not paired:
+            return None
+        return _paired_table([r for r in records_a if r["attribute"] == name],
+                             [r for r in records_b if r["attribute"] == name])
+
     by_b = {a["name"]: a for a in report_b["attributes"]}
-    rows = [_row(a["name"], a.get("prompt"), a, by_b[a["name"]]) for a in report_a["attributes"] if a["name"] in by_b]
+    rows = [_row(a["name"], a.get("prompt"), a, by_b[a["name"]], table(a["name"]))
+            for a in report_a["attributes"] if a["name"] in by_b]
     missing = sorted(set(by_b) ^ {a["name"] for a in report_a["attributes"]})
     if missing:
         warnings.append(f"no finished items in one of the runs for: {', '.join(missing)}")
+    if not paired:
+        warnings.append("unpaired: the runs drew different seeds (or records were not given), so each run's seeds are "
+                        "treated as an independent sample; the same --samples and search.seed give a paired, "
+                        "more powerful comparison")
     qs = bh_qvalues([r["p_value"] if r["p_value"] is not None else float("nan") for r in rows])
     for r, q in zip(rows, qs):
         r["q_value"] = _nan_to_none(q)
         r["significant"] = bool(r["q_value"] is not None and r["q_value"] < SIGNIFICANCE)
     rows.sort(key=lambda r: (r["p_value"] if r["p_value"] is not None else 2, -abs(r["difference"] or 0), r["name"]))
-    null = _row(NULL_NAME, report_a["null"].get("prompt"), report_a["null"], report_b["null"])
+    null = _row(NULL_NAME, report_a["null"].get("prompt"), report_a["null"], report_b["null"], table(NULL_NAME))
     return {
         "schema_version": SCHEMA_VERSION,
         "significance_level": SIGNIFICANCE,
         "difference": "B - A",
+        "paired": paired,
+        "test": ("exact two-sided McNemar test on seeds both runs finished; Newcombe's paired score interval"
+                 if paired else "two-sided Fisher exact test (unpaired); Newcombe's hybrid score interval"),
         "run_a": _describe(report_a, path_a),
         "run_b": _describe(report_b, path_b),
         "domain": ((report_a["run"].get("config") or {}).get("prompts") or {}).get("domain"),
@@ -131,9 +182,12 @@ def compare_reports(report_a: dict, report_b: dict, path_a="A", path_b="B") -> d
 
 def compare_runs(run_a, run_b) -> dict:
     """Load both run directories from their records (no models) and compare them."""
+    from .report.aggregate import aggregate, load_run
+
     if Path(run_a).resolve() == Path(run_b).resolve():
         raise ZoomError(f"compare needs two different run directories; got {str(run_a)!r} twice")
-    return compare_reports(build_report(run_a), build_report(run_b), run_a, run_b)
+    loaded_a, loaded_b = load_run(run_a), load_run(run_b)
+    return compare_reports(aggregate(*loaded_a), aggregate(*loaded_b), run_a, run_b, loaded_a[0], loaded_b[0])
 
 
 def _fmt(x, spec=".2f"):
@@ -142,14 +196,15 @@ def _fmt(x, spec=".2f"):
 
 def compare_table(c: dict) -> str:
     lines = [f"A: {c['run_a']['path']}  (target {c['run_a']['target']}, {c['run_a']['samples']} seeds)",
-             f"B: {c['run_b']['path']}  (target {c['run_b']['target']}, {c['run_b']['samples']} seeds)"]
+             f"B: {c['run_b']['path']}  (target {c['run_b']['target']}, {c['run_b']['samples']} seeds)",
+             f"{'paired by seed' if c['paired'] else 'unpaired'}: {c['test']}"]
     rows = [("attribute", "A flips/n", "A rate", "B flips/n", "B rate", "B-A [95% CI]", "p", "q", "sig")]
     for r in c["attributes"] + [dict(c["null"], q_value=None, significant=False)]:
         a, b = r["a"], r["b"]
         rows.append((r["name"][:28], f"{a['flips']}/{a['n']}", _fmt(a["flip_rate"]), f"{b['flips']}/{b['n']}",
                      _fmt(b["flip_rate"]),
                      f"{_fmt(r['difference'], '+.2f')} [{_fmt(r['diff_ci_low'], '+.2f')}, {_fmt(r['diff_ci_high'], '+.2f')}]",
-                     _fmt(r["p_value"], ".3g"), _fmt(r.get("q_value"), ".3g"),
+                     format_p(r["p_value"]), format_p(r.get("q_value")),
                      "*" if r["significant"] else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -79,6 +79,10 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     precision: str = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    description: typing.Optional[str] = None  # what this run is about, shown at the top of the report
+    # Optional ground truth for validity: {attribute name: {spec: TARGET_SPEC, label: LABEL}}, a classifier
+    # for the attribute (an "oracle") and the label that means the attribute is present.
+    oracle: dict = field(default_factory=dict)
 
     def resolved(self) -> dict:
         out = dataclasses.asdict(self)
@@ -132,6 +136,9 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ZoomError(f"config file {os.fspath(path)!r} is not valid YAML ({_yaml_where(e)})") from None
+        except UnicodeDecodeError as e:
+            raise ZoomError(f"config file {os.fspath(path)!r} is not UTF-8 text (byte {e.start}); "
+                            "save it as UTF-8") from None
         base_dir = os.path.dirname(os.path.abspath(path))
     if not isinstance(data, dict):
         raise ZoomError(f"config file {os.fspath(path)!r} must be a YAML mapping of sections")
@@ -154,11 +161,16 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
 
 
 def _expand(value: str) -> str:
-    """~ and $VARS; `${ZOOM_TINY}` names the tiny offline models, built on first use."""
+    """~ and $VARS; `${ZOOM_TINY}` names the tiny random models (built on first use), `${ZOOM_WORLD}`
+    the trained shapes world that ships inside the package."""
     if "ZOOM_TINY" in value and "ZOOM_TINY" not in os.environ:
         from .tiny import build_tiny_models
 
         os.environ["ZOOM_TINY"] = str(build_tiny_models()["sd"].parent)
+    if "ZOOM_WORLD" in value and "ZOOM_WORLD" not in os.environ:
+        from .world import models_dir
+
+        os.environ["ZOOM_WORLD"] = str(models_dir())
     return os.path.expandvars(os.path.expanduser(value))
 
 
@@ -187,11 +199,18 @@ def _resolve_paths(c: Config, base_dir: str) -> None:
     for clip in (c.guide, c.judge):
         if clip.model.startswith("local-dir:"):
             clip.model = "local-dir:" + _resolve_path(clip.model[len("local-dir:"):], base_dir)
-    kind, _, rest = c.target.spec.partition(":")
+    c.target.spec = _resolve_spec(c.target.spec, base_dir)
+    for oracle in c.oracle.values():
+        if isinstance(oracle, dict) and isinstance(oracle.get("spec"), str):
+            oracle["spec"] = _resolve_spec(oracle["spec"], base_dir)
+
+
+def _resolve_spec(spec: str, base_dir: str) -> str:
+    kind, _, rest = spec.partition(":")
     rest = _expand(rest)
-    c.target.spec = f"{kind}:{rest}"
     if kind in ("hf", "torchscript") and looks_like_path(rest):
-        c.target.spec = f"{kind}:{_resolve_path(rest, base_dir)}"
+        return f"{kind}:{_resolve_path(rest, base_dir)}"
+    return f"{kind}:{rest}"
 
 
 def _choice(key, value, choices):
@@ -223,7 +242,17 @@ def validate(c: Config) -> None:
     from .targets import parse_spec
 
     parse_spec(c.target.spec)
-    load_prompts(c.prompts)  # fail now, before any model loads, on a bad prompt file
+    prompts = load_prompts(c.prompts)  # fail now, before any model loads, on a bad prompt file
+    names = [a.name for a in prompts.attributes]
+    for name, oracle in c.oracle.items():
+        if name not in names:
+            raise ZoomError(f"config key oracle.{name}: no attribute {name!r} in the prompts; attributes are "
+                            f"{', '.join(map(repr, names))}")
+        if not isinstance(oracle, dict) or set(oracle) != {"spec", "label"} or not isinstance(oracle["spec"], str) \
+                or not isinstance(oracle["label"], (str, int)) or isinstance(oracle["label"], bool):
+            raise ZoomError(f"config key oracle.{name} must be a mapping with 'spec' (a target spec) and 'label' "
+                            f"(the class that means {name!r} is present), got {oracle!r}")
+        parse_spec(oracle["spec"])
 
 
 def dump_config(resolved: dict) -> str:

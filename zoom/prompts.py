@@ -1,4 +1,5 @@
-"""Attribute sets: a domain prompt, the attributes to vary one at a time, and the null control.
+"""Attribute sets: a domain prompt, the attributes to vary one at a time, and the null control
+(one paraphrase of the domain, or a list of them that the null edits are drawn from in turn).
 
 Prompt text is cleaned exactly as open_clip cleans it before tokenizing (ftfy, HTML unescape,
 whitespace), so the diffusion text encoder and the CLIP models read the same words.
@@ -28,13 +29,13 @@ class Attribute:
 class PromptSet:
     domain: str
     attributes: tuple[Attribute, ...]
-    null: str | None  # a paraphrase of the domain; None -> a random direction of matched norm
+    nulls: tuple[str, ...]  # paraphrases of the domain, pooled; () -> random directions of matched norm
 
     def to_dict(self) -> dict:
         out = {"domain": self.domain,
                "attributes": [{"name": a.name, "prompt": a.prompt} for a in self.attributes]}
-        if self.null is not None:
-            out["null"] = self.null
+        if self.nulls:
+            out["null"] = self.nulls[0] if len(self.nulls) == 1 else list(self.nulls)
         return out
 
 
@@ -61,6 +62,8 @@ def load_prompts(source) -> PromptSet:
                 source = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ZoomError(f"{where} is not valid YAML ({_yaml_where(e)})") from None
+        except UnicodeDecodeError as e:
+            raise ZoomError(f"{where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not isinstance(source, dict):
         raise ZoomError(f"{where} must be a mapping with 'domain' and 'attributes'")
     data = {("null" if k is None else k): v for k, v in source.items()}  # YAML reads a bare `null:` key as None
@@ -92,9 +95,15 @@ def load_prompts(source) -> PromptSet:
         seen_prompts.add(prompt)
         attributes.append(Attribute(name, prompt, slugify(i, name)))
     null = data.get("null")
-    if null is not None and (not isinstance(null, str) or not null.strip()):
-        raise ZoomError(f"{where}: 'null' must be a prompt string (a paraphrase of the domain)")
-    return PromptSet(clean_prompt(domain), tuple(attributes), clean_prompt(null) if null else None)
+    nulls = [null] if isinstance(null, str) else null
+    if null is not None and (not isinstance(nulls, list) or not nulls
+                             or not all(isinstance(p, str) and p.strip() for p in nulls)):
+        raise ZoomError(f"{where}: 'null' must be a prompt string or a list of them (paraphrases of the domain)")
+    nulls = list(dict.fromkeys(clean_prompt(p) for p in nulls or []))
+    if clean_prompt(domain) in nulls:
+        raise ZoomError(f"{where}: a 'null' paraphrase is the domain prompt itself, so it changes nothing; "
+                        "reword it (e.g. 'a picture of ...') or leave 'null' out for random directions")
+    return PromptSet(clean_prompt(domain), tuple(attributes), tuple(nulls))
 
 
 def _yaml_where(e) -> str:

@@ -1,204 +1,39 @@
-"""Work items, sharding across processes, and the resumable run directory.
+"""Work items, sharding across processes, and the audit loop.
 
-A work item is one (seed, attribute) pair; items are grouped into blocks of `batch_size`
-consecutive seeds, and each block is searched attribute by attribute with the seeds batched.
-Blocks are dealt to processes by index (block i -> rank i % K), never by padding, and every
-number an item produces depends only on its seed and attribute, so results do not depend on K.
+A work item is one (seed, arm) pair, an arm being an attribute or its null twin (joint mode: an
+attribute or the null slot); items are grouped into blocks of `batch_size` consecutive seeds, and
+each block is searched arm by arm with the seeds batched. Blocks are dealt to processes by index
+(block i -> rank i % K), never by padding, and every number an item produces depends only on its
+seed and arm, so results do not depend on K.
 
-Each rank appends one JSON line per finished item to records/rank-R.jsonl, flushed and fsynced
-after every batch, once the batch's PNGs are on disk; `--resume` skips the keys already there
-and tolerates a torn last line. Only the main process writes config.yaml, run.json and the report.
+Each rank appends one JSON line per finished item to records/rank-R.jsonl (zoom/rundir.py), flushed
+and fsynced after every batch, once the batch's PNGs are on disk; `--resume` skips the keys already
+there. Only the main process creates the run directory, holds its lock and writes the report.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import math
 import os
-import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import Config, dump_config
+from .config import Config
 from .errors import ZoomError
+from .models import Models, load_models, pick_device, run_info
 from .prompts import NULL_NAME, Attribute, load_prompts
-
-RECORDS_DIR = "records"
-IMAGES_DIR = "images"
-
-
-# ---------------------------------------------------------------------------------------------
-# Records on disk
-
-
-def read_records(run_dir) -> list[dict]:
-    """All finished records of a run, deduplicated by key; a torn (unterminated) last line is ignored."""
-    folder = Path(run_dir) / RECORDS_DIR
-    records, seen = [], set()
-    for path in sorted(folder.glob("rank-*.jsonl")):
-        text = path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        complete, tail = lines[:-1], lines[-1]  # tail is "" when the file ends with a newline
-        for number, line in enumerate(complete, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ZoomError(f"{path}: line {number} is not valid JSON; the records file is corrupt") from None
-            if record.get("key") not in seen:
-                seen.add(record["key"])
-                records.append(record)
-        del tail  # an unterminated line is an append that was cut off: it never counted
-    return records
-
-
-class RecordWriter:
-    """Appends records as JSON lines; each batch is flushed and fsynced before returning."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            data = path.read_bytes()
-            cut = data.rfind(b"\n") + 1
-            if cut != len(data):  # drop a torn last line left by a kill mid-write
-                with open(path, "r+b") as f:
-                    f.truncate(cut)
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write(self, records: list[dict]) -> None:
-        for r in records:
-            self._file.write(json.dumps(r, sort_keys=True, allow_nan=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self):
-        self._file.close()
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def save_png(path: Path, image: torch.Tensor) -> None:
-    from PIL import Image
-    import io
-
-    array = (image.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buffer.getvalue())
-
-
-# ---------------------------------------------------------------------------------------------
-# Provenance
-
-
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("zoom", "torch", "torchvision", "diffusers", "transformers", "accelerate", "open_clip_torch", "timm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def fingerprint(path: str) -> dict | None:
-    """sha256 of a local model's files (files over 64 MiB: size + first and last MiB), else None."""
-    path = path.split("local-dir:", 1)[-1].split(":", 1)[-1] if ":" in path else path
-    p = Path(os.path.expanduser(path))
-    if not p.exists():
-        return None
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            if size <= 64 << 20:
-                digest.update(fh.read())
-            else:
-                digest.update(str(size).encode() + fh.read(1 << 20))
-                fh.seek(-(1 << 20), os.SEEK_END)
-                digest.update(fh.read())
-    return {"path": str(p), "sha256": digest.hexdigest(), "files": len(files)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The audit
-
-
-@dataclass
-class Models:
-    generator: object
-    guide: object
-    judge: object
-    target: object
-    criterion: object
-
-
-def pick_device(config: Config, state=None) -> torch.device:
-    if config.device != "auto":
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ZoomError(f"device={config.device!r} but no CUDA GPU is visible; use device: cpu or auto")
-        return torch.device(config.device)
-    if state is not None and state.device.type != "cpu":
-        return state.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_models(config: Config, device, target=None) -> Models:
-    """Load every model the audit needs; any failure is a ZoomError raised before output is written.
-
-    `target` (an nn.Module) replaces config.target.spec: the Python API's way to audit a model in memory.
-    """
-    from .generator import Generator
-    from .guide import Clip
-    from .targets import load_target, make_criterion
-
-    g = config.generator
-    generator = Generator.from_pretrained(g.model, revision=g.revision, steps=g.steps,
-                                          guidance_scale=g.guidance_scale, resolution=g.resolution,
-                                          device=device, loop_decoder=g.loop_decoder,
-                                          gradient_checkpointing=g.gradient_checkpointing)
-    guide = Clip.load(config.guide.model, config.guide.pretrained, device)
-    judge = Clip.load(config.judge.model, config.judge.pretrained, device)
-    target = load_target(target if target is not None else config.target.spec,
-                         trust_remote_code=config.target.trust_remote_code, device=device)
-    criterion = make_criterion(config.target.task, config.target.label, config.target.target_class, target.labels)
-    return Models(generator, guide, judge, target, criterion)
+from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, check_out_dir, open_run_dir, read_records, save_png,
+                     write_rank_meta)
 
 
 def prepare_run_dir(out_dir, config: Config, resume: bool) -> dict:
     """Check (before any model loads) that out_dir may be written; return the resolved config."""
-    out = Path(out_dir)
     resolved = config.resolved()
-    if out.exists() and not resume:
-        raise ZoomError(f"output directory {str(out)!r} already exists; pass --resume to continue it or choose another --out")
-    if resume and out.exists():
-        stored = out / "config.yaml"
-        if not stored.is_file():
-            raise ZoomError(f"--resume: {str(out)!r} has no config.yaml, so it is not a zoom run directory")
-        import yaml
-
-        previous = yaml.safe_load(stored.read_text(encoding="utf-8"))
-        if previous != yaml.safe_load(dump_config(resolved)):
-            changed = sorted(k for k in resolved if previous.get(k) != yaml.safe_load(dump_config(resolved)).get(k))
-            raise ZoomError(f"--resume: the config differs from the one {str(out)!r} was started with "
-                            f"(section(s): {', '.join(changed)}); resume with the same config or use a new --out")
+    check_out_dir(out_dir, resolved, resume)
     return resolved
 
 
@@ -219,32 +54,38 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     device = pick_device(config, state)
     models = models or load_models(config, device)
     prompts = load_prompts(config.prompts)
-    state.wait_for_everyone()  # every rank has checked out_dir before the main process creates it
+    from .edits import Edits
 
-    # 1. The run directory: only the main process creates it, locks it, writes config.yaml / run.json.
+    edits = Edits(models.generator, models.guide, prompts, config.search.seed)  # checks the directions too
+    s = config.search
+    seeds = list(range(s.seed, s.seed + s.samples))
+    blocks = [seeds[i:i + s.batch_size] for i in range(0, len(seeds), s.batch_size)]
+    mine = [b for i, b in enumerate(blocks) if i % world == rank]
+    if world > 1 and not mine and state.is_main_process:
+        print(f"zoom: warning: {len(blocks)} block(s) of {s.batch_size} seeds for {world} processes: "
+              f"{world - len(blocks)} process(es) get no work; lower search.batch_size to use them", file=sys.stderr)
+
+    # 1. The run directory: the main process creates it (or, resuming, re-checks it) under its lock.
     lock = None
+    failure = None
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(out)
-        (out / RECORDS_DIR).mkdir(exist_ok=True)
-        if not (out / "config.yaml").exists():
-            atomic_write(out / "run.json", json.dumps(run_info(config, models, device, world), indent=1))
-            atomic_write(out / "config.yaml", dump_config(resolved))  # last: marks the run as started
-    state.wait_for_everyone()
+        try:
+            lock = open_run_dir(out, resolved, resume, run_info(config, models, device, world))
+        except ZoomError as e:
+            failure = str(e)
+    failure = _shared(state, failure)
+    if failure:  # every rank stops; only the main process says why
+        raise ZoomError(failure)
     try:
         # 2. This rank's blocks of seeds, minus the items already on disk.
-        edits = make_edits(models, prompts, config.search.seed)
-        s = config.search
-        seeds = list(range(s.seed, s.seed + s.samples))
-        blocks = [seeds[i:i + s.batch_size] for i in range(0, len(seeds), s.batch_size)]
-        mine = [b for i, b in enumerate(blocks) if i % world == rank]
         done = {r["key"] for r in read_records(out)} if resume else set()
-        bar = _progress(sum(len(b) for b in mine) * len(edits), enabled=progress and state.is_main_process)
+        labels = item_labels(edits, s.mode)
+        bar = _progress(sum(len(b) for b in mine) * len(labels), enabled=progress and state.is_main_process)
         writer = RecordWriter(out / RECORDS_DIR / f"rank-{rank}.jsonl")
         try:
             for block in mine:
-                todo = [(a, e) for a, e in edits if any(item_key(seed, a) not in done for seed in block)]
-                bar.update(len(block) * (len(edits) - len(todo)))
+                todo = [arm for arm in labels if any(item_key(seed, arm) not in done for seed in block)]
+                bar.update(len(block) * (len(labels) - len(todo)))
                 for records in search_block(out, block, todo, edits, models, prompts, config):
                     fresh = [r for r in records if r["key"] not in done]  # (an OOM retry may repeat some)
                     writer.write(fresh)
@@ -263,6 +104,17 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
             lock.release()
 
 
+def _shared(state, value):
+    """The main process's value, on every process (one message, not one traceback per rank)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def refuse_lonely_ranks(state) -> None:
     """A launcher started several processes but torch.distributed did not join them (on a CPU-only
     machine without ACCELERATE_USE_CPU=1): each would silently do all the work."""
@@ -275,65 +127,21 @@ def refuse_lonely_ranks(state) -> None:
         )
 
 
-class RunLock:
-    """An exclusive lock on a run directory, held by the main process while it writes there.
-
-    fcntl locks die with their process, so a killed run never leaves a stale lock behind.
-    """
-
-    def __init__(self, run_dir: Path):
-        import fcntl
-
-        self.path = Path(run_dir) / ".lock"
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "unknown"
-            self._file.close()
-            raise ZoomError(f"run directory {str(run_dir)!r} is in use by another zoom process (pid {holder}); "
-                            "wait for it to finish, or choose another --out") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
-
-    def release(self):
-        import fcntl
-
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
+def item_labels(edits, mode: str) -> list:
+    """What each seed gets a record for: the arms (attributes and their null twins) in single and
+    sweep mode; the attributes and the one null slot in joint mode."""
+    if mode == "joint":
+        return [*edits.prompts.attributes, Attribute(NULL_NAME, edits.null_prompt_label(), NULL_NAME)]
+    return edits.arms()
 
 
-def make_edits(models: Models, prompts, seed: int) -> list:
-    """One direction per attribute, then the null control (a paraphrase, or a random direction)."""
-    from .search import Edit, random_direction
-
-    gen, guide = models.generator, models.guide
-    domain_embeds = gen.embed(prompts.domain)
-    edits = []
-    for a in prompts.attributes:
-        direction = gen.embed(a.prompt) - domain_embeds
-        edits.append((a, Edit([a.name], direction, guide.text_direction(prompts.domain, a.prompt)[None])))
-    if prompts.null is not None:
-        null_attr = Attribute(NULL_NAME, prompts.null, NULL_NAME)
-        null_edit = Edit([NULL_NAME], gen.embed(prompts.null) - domain_embeds,
-                         guide.text_direction(prompts.domain, prompts.null)[None])
-    else:  # a random direction with the median attribute direction's norm; no CLIP term
-        norm = float(torch.stack([e.directions.norm() for _, e in edits]).median())
-        null_attr = Attribute(NULL_NAME, "(random direction)", NULL_NAME)
-        null_edit = Edit([NULL_NAME], random_direction(domain_embeds, norm, seed=seed), None)
-    return edits + [(null_attr, null_edit)]
-
-
-def search_block(out: Path, block: list[int], todo: list, edits: list, models: Models, prompts, config):
-    """Yield the records of one block of seeds, one batch per attribute (joint: one for all).
+def search_block(out: Path, block: list[int], todo: list, edits, models: Models, prompts, config):
+    """Yield the records of one block of seeds, one batch per arm (joint: one for all).
 
     A CUDA out-of-memory error halves the block and retries; every number depends only on the
-    item's seed and attribute, so the records are the same as with the full batch.
+    item's seed and arm, so the records are the same as with the full batch.
     """
-    from .search import Edit, Searcher, strength
+    from .search import Searcher
 
     if not todo:
         return
@@ -346,25 +154,31 @@ def search_block(out: Path, block: list[int], todo: list, edits: list, models: M
             if not (out / path).exists():
                 save_png(out / path, image)
         s = config.search
-        if s.mode == "joint":  # one joint search per seed covers every attribute
-            joint = Edit([a.name for a, _ in edits], torch.cat([e.directions for _, e in edits]),
-                         None if edits[-1][1].text_dirs is None else torch.cat([e.text_dirs for _, e in edits]))
+        item = _ItemWriter(out, block, base, base_paths, models, prompts, config)
+        if s.mode == "joint":  # one joint search per seed covers every attribute and the null slot
+            edit, attributes = edits.joint(block)
             start = time.perf_counter()
-            outcome = searcher.optimise(base, joint, prompts.domain, s.edit_space)
+            outcome = searcher.optimise(base, edit, prompts.domain, s.edit_space)
             seconds = (time.perf_counter() - start) / len(block)
             records = []
-            for k, (a, _) in enumerate(edits):
-                records += _records(out, block, a, k, outcome, base, base_paths, seconds, models,
-                                    prompts.domain, config, strength, joint=True)
+            for k, attribute in enumerate(attributes):
+                is_null = attribute.name == NULL_NAME
+                prompts_used = [edits.joint_null_prompt(seed) if is_null else attribute.prompt for seed in block]
+                records += item.records(attribute, k, outcome, seconds, prompts_used, joint=True,
+                                        judged=None if is_null else attribute.prompt,
+                                        twin_of=[a.prompt for a in prompts.attributes] if is_null else None)
             yield records
             return
-        for a, e in todo:
+        for arm in todo:
+            edit = edits.edit(arm, block)
             start = time.perf_counter()
-            outcome = (searcher.sweep(base, e, prompts.domain) if s.mode == "sweep"
-                       else searcher.optimise(base, e, prompts.domain, s.edit_space))
+            outcome = (searcher.sweep(base, edit, prompts.domain) if s.mode == "sweep"
+                       else searcher.optimise(base, edit, prompts.domain, s.edit_space))
             seconds = (time.perf_counter() - start) / len(block)
-            yield _records(out, block, a, 0, outcome, base, base_paths, seconds, models, prompts.domain,
-                           config, strength)
+            paired = prompts.attributes[arm.index].prompt
+            yield item.records(arm.attribute, 0, outcome, seconds, [edits.prompt(arm, seed) for seed in block],
+                               judged=None if arm.is_null else paired, twin_of=[paired] if arm.is_null else None,
+                               pair=arm.pair)
     except torch.cuda.OutOfMemoryError:
         if len(block) == 1:
             raise
@@ -375,71 +189,112 @@ def search_block(out: Path, block: list[int], todo: list, edits: list, models: M
             yield from search_block(out, part, todo, edits, models, prompts, config)
 
 
-def item_key(seed: int, attribute: Attribute) -> str:
+def item_key(seed: int, attribute) -> str:
+    attribute = getattr(attribute, "attribute", attribute)  # an Arm or an Attribute
     return f"seed-{seed}/{attribute.slug}"
 
 
-def _records(out, block, attribute, k, outcome, base, base_paths, seconds, models, domain, config,
-             strength_fn, joint=False) -> list[dict]:
-    """Turn one search outcome into record dicts (one per seed), saving counterfactual PNGs first."""
-    s, target = config.search, models.target
-    alpha = outcome.alpha[:, k]
-    if joint:
-        total = outcome.alpha.abs().sum(-1).clamp_min(1e-12)
-        share = (outcome.alpha[:, k].abs() / total).tolist()
-        dominant = (outcome.alpha.abs().argmax(-1) == k).tolist()
-    # Validity: does an independent CLIP see more of the attribute (in the edit's direction)?
-    validity, validity_score = [None] * len(block), [None] * len(block)
-    if attribute.name != NULL_NAME:
+class _ItemWriter:
+    """Turns search outcomes of one block into record dicts, saving the counterfactual PNGs first."""
+
+    def __init__(self, out, block, base, base_paths, models, prompts, config):
+        self.out, self.block, self.base, self.base_paths = out, block, base, base_paths
+        self.models, self.domain, self.config = models, prompts.domain, config
+        self.models_attributes = prompts.attributes
+
+    def judge_change(self, images: torch.Tensor, prompt: str) -> list[float]:
+        """How much more the judge CLIP matches `prompt` (vs the domain) in the edited image than in the base."""
+        judge = self.models.judge
         with torch.no_grad():
-            change = (models.judge.attribute_score(outcome.images, domain, attribute.prompt)
-                      - models.judge.attribute_score(base.images, domain, attribute.prompt))
-        sign = torch.ones_like(alpha) if s.edit_space == "latent" else torch.sign(alpha)
-        validity_score = (change * sign).tolist()
-        validity = [v > 0 for v in validity_score]
-    records = []
-    for i, seed in enumerate(block):
-        path = f"{IMAGES_DIR}/{attribute.slug}/seed-{seed}.png"
-        save_png(out / path, outcome.images[i])
-        flipped = outcome.flipped[i] and (dominant[i] if joint else True)
-        base_pred, final_pred = int(base.pred[i]), int(outcome.final_pred[i])
-        status = models.criterion.skip_reason(base_pred) or outcome.status[i]
-        record = {
-            "key": item_key(seed, attribute),
-            "seed": seed,
-            "attribute": attribute.name,
-            "slug": attribute.slug,
-            "prompt": attribute.prompt,
-            "mode": s.mode,
-            "edit_space": s.edit_space,
-            "precision": config.precision,
-            "base_pred": base_pred,
-            "base_label": target.label(base_pred),
-            "final_pred": final_pred,
-            "final_label": target.label(final_pred),
-            "flipped": bool(flipped),
-            "steps": int(outcome.steps[i]),
-            "alpha": _finite(alpha[i], 6),
-            "delta_rel": _finite(outcome.delta_rel[i], 6),
-            "strength": _finite(strength_fn(alpha[i:i + 1] if not joint else outcome.alpha[i, k:k + 1],
-                                            outcome.delta_rel[i], s.edit_space), 6),
-            "base_prob": _finite(base.prob[i]),
-            "final_prob": _finite(outcome.final_prob[i]),
-            "validity": validity[i],
-            "validity_score": _finite(validity_score[i]),
-            "base_image": base_paths[i],
-            "counterfactual_image": path,
-            "seconds": round(seconds, 6),
-            "unet_calls": int(outcome.unet_calls[i]),
-            "status": status,
-        }
+            change = (judge.attribute_score(images, self.domain, prompt)
+                      - judge.attribute_score(self.base.images, self.domain, prompt))
+        return change.tolist()
+
+    def oracle_sees(self, name: str, images: torch.Tensor) -> list[bool] | None:
+        """Whether the attribute's oracle (config `oracle`) predicts its label on each image."""
+        if not self.models.oracles or name not in self.models.oracles:
+            return None
+        model, label = self.models.oracles[name]
+        with torch.no_grad():
+            return (model(images).argmax(-1) == label).tolist()
+
+    def records(self, attribute, k, outcome, seconds, prompts_used, *, joint=False, judged=None, twin_of=None,
+                pair=None) -> list[dict]:
+        """judged: the attribute prompt whose validity is scored; twin_of: the attribute prompts a null
+        item's judge change is measured against (the baseline for validity)."""
+        s, target, block, base = self.config.search, self.models.target, self.block, self.base
+        alpha = outcome.alpha[:, k]
+        credited = [True] * len(block)
         if joint:
-            record["share"] = round(share[i], 6)
-            record["any_flip"] = bool(outcome.flipped[i])
-        if outcome.curves is not None:
-            record["curve"] = outcome.curves[i]
-        records.append(record)
-    return records
+            total = outcome.alpha.abs().sum(-1).clamp_min(1e-12)
+            share = (outcome.alpha[:, k].abs() / total).tolist()
+            credited = (outcome.alpha.abs().argmax(-1) == k).tolist()
+        sign = torch.ones_like(alpha) if s.edit_space == "latent" else torch.sign(alpha)
+        change = self.judge_change(outcome.images, judged) if judged is not None else None
+        baselines = {p: self.judge_change(outcome.images, p) for p in twin_of} if twin_of else None
+        reach_alpha = outcome.reach[:, k] if outcome.reach is not None else alpha.abs()
+        names = [a.name for a in self.models_attributes] if twin_of else []
+        oracle_cf = self.oracle_sees(attribute.name, outcome.images) if judged is not None else None
+        oracle_base = self.oracle_sees(attribute.name, base.images) if judged is not None else None
+        oracle_toward = ({n: self.oracle_sees(n, outcome.images) for n in names if n == pair or pair is None}
+                         if twin_of else {})
+        oracle_toward = {n: v for n, v in oracle_toward.items() if v is not None}
+        records = []
+        for i, seed in enumerate(block):
+            path = f"{IMAGES_DIR}/{attribute.slug}/seed-{seed}.png"
+            save_png(self.out / path, outcome.images[i])
+            flipped = outcome.flipped[i] and credited[i]
+            base_pred, final_pred = int(base.pred[i]), int(outcome.final_pred[i])
+            status = self.models.criterion.skip_reason(base_pred) or outcome.status[i]
+            if s.edit_space == "latent":
+                strength, reach = outcome.delta_rel[i], (outcome.reach_delta or outcome.delta_rel)[i]
+            else:
+                strength, reach = abs(float(alpha[i])), float(reach_alpha[i])
+            record = {
+                "key": item_key(seed, attribute),
+                "seed": seed,
+                "attribute": attribute.name,
+                "slug": attribute.slug,
+                "prompt": prompts_used[i],
+                "mode": s.mode,
+                "edit_space": s.edit_space,
+                "precision": self.config.precision,
+                "base_pred": base_pred,
+                "base_label": target.label(base_pred),
+                "final_pred": final_pred,
+                "final_label": target.label(final_pred),
+                "flipped": bool(flipped),
+                "steps": int(outcome.steps[i]),
+                "alpha": _finite(alpha[i], 6),
+                "delta_rel": _finite(outcome.delta_rel[i], 6),
+                "strength": _finite(strength, 6),
+                "reach": _finite(max(reach, strength), 6),
+                "base_prob": _finite(base.prob[i]),
+                "final_prob": _finite(outcome.final_prob[i]),
+                "validity": None if change is None or change[i] is None else bool(float(sign[i]) * change[i] > 0),
+                "validity_score": None if change is None else _finite(float(sign[i]) * change[i]),
+                "judge_change": None if change is None else _finite(change[i]),
+                "base_image": self.base_paths[i],
+                "counterfactual_image": path,
+                "seconds": round(seconds, 6),
+                "unet_calls": int(outcome.unet_calls[i]),
+                "status": status,
+            }
+            if pair is not None:
+                record["pair"] = pair
+            if baselines is not None:  # the null's judge change toward each attribute it stands in for
+                record["judge_change_toward"] = {p: _finite(v[i]) for p, v in baselines.items()}
+            if oracle_cf is not None:
+                record["oracle"], record["oracle_base"] = bool(oracle_cf[i]), bool(oracle_base[i])
+            if oracle_toward:  # the null's counterfactual through each paired attribute's oracle
+                record["oracle_toward"] = {n: bool(v[i]) for n, v in oracle_toward.items()}
+            if joint:
+                record["share"] = round(share[i], 6)
+                record["any_flip"] = bool(outcome.flipped[i])
+            if outcome.curves is not None:
+                record["curve"] = outcome.curves[i]
+            records.append(record)
+        return records
 
 
 def _finite(x, digits: int | None = None):
@@ -452,30 +307,6 @@ def _finite(x, digits: int | None = None):
     return round(x, digits) if digits is not None else x
 
 
-def run_info(config: Config, models: Models, device, world: int) -> dict:
-    g = models.generator
-    return {
-        "start_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "precision": config.precision,
-        "num_processes": world,
-        "versions": package_versions(),
-        "models": {
-            "generator": {"id": config.generator.model, "revision": config.generator.revision,
-                          "scheduler": type(g.scheduler).__name__, "files": fingerprint(config.generator.model)},
-            "guide": {"id": config.guide.model, "pretrained": config.guide.pretrained,
-                      "files": fingerprint(config.guide.model)},
-            "judge": {"id": config.judge.model, "pretrained": config.judge.pretrained,
-                      "files": fingerprint(config.judge.model)},
-            "target": {"spec": config.target.spec, "task": config.target.task,
-                       "files": fingerprint(config.target.spec)},
-        },
-        "search": {"mode": config.search.mode, "edit_space": config.search.edit_space,
-                   "samples": config.search.samples, "seed": config.search.seed},
-    }
-
-
 def _write_rank_meta(out: Path, rank: int, device) -> None:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -483,9 +314,8 @@ def _write_rank_meta(out: Path, rank: int, device) -> None:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    meta = {"rank": rank, "peak_memory_bytes": int(peak), "memory_kind": f"{device.type} peak",
-            "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    atomic_write(out / RECORDS_DIR / f"rank-{rank}.meta.json", json.dumps(meta))
+    write_rank_meta(out, rank, peak, f"{device.type} peak",
+                    _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def _progress(total: int, enabled: bool):

@@ -43,11 +43,35 @@ class Base:
 
 @dataclass
 class Edit:
-    """One or more directions in conditioning space and the CLIP text directions that go with them."""
+    """One or more directions in conditioning space and the CLIP text directions that go with them.
+
+    Directions are shared by the batch ([K, T, D], text_dirs [K, E]) or given per sample
+    ([B, K, T, D], [B, K, E]): the null control draws a different paraphrase for each seed.
+    """
 
     names: list[str]
-    directions: torch.Tensor  # [K, T, D]
-    text_dirs: torch.Tensor | None  # [K, E] unit vectors in guide space; None: no CLIP term (random null)
+    directions: torch.Tensor
+    text_dirs: torch.Tensor | None  # unit vectors in guide space; None: no CLIP term
+
+    @property
+    def per_sample(self) -> bool:
+        return self.directions.dim() == 4
+
+    def take(self, idx: torch.Tensor) -> "Edit":
+        """The edit for the samples idx of the batch."""
+        if not self.per_sample:
+            return self
+        return Edit(self.names, self.directions[idx], None if self.text_dirs is None else self.text_dirs[idx])
+
+    def conditioning(self, embeds: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """E(domain) + sum_k alpha_k dir_k for per-sample weights alpha [B, K] -> [B, T, D]."""
+        pattern = "bk,bktd->btd" if self.per_sample else "bk,ktd->btd"
+        return embeds + torch.einsum(pattern, alpha, self.directions)
+
+    def text_direction(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The CLIP-space direction the image should move along: the alpha-weighted text directions."""
+        pattern = "bk,bke->be" if self.per_sample else "bk,ke->be"
+        return torch.nn.functional.normalize(torch.einsum(pattern, alpha, self.text_dirs), dim=-1)
 
 
 @dataclass
@@ -63,6 +87,8 @@ class Outcome:
     images: torch.Tensor  # [B, 3, H, W] counterfactual images
     unet_calls: list[int]
     status: list[str]
+    reach: torch.Tensor | None = None  # [B, K] largest |alpha_k| the search evaluated
+    reach_delta: list[float] | None = None  # largest |delta| / |noise| the search evaluated
     curves: list[list] | None = None  # sweep: [[alpha, base_prob, pred], ...] per sample
 
 
@@ -80,7 +106,7 @@ class Searcher:
 
     def _render(self, seeds, alpha, edit: Edit, domain_embeds, delta=None):
         """Per-sample weights alpha [b, K] (and latent residual delta) -> (latents, loop images, logits)."""
-        cond = domain_embeds + torch.einsum("bk,ktd->btd", alpha, edit.directions)
+        cond = edit.conditioning(domain_embeds, alpha)
         with self.autocast():
             latents = self.generator.sample_latents(seeds, cond, delta)
             images = self.generator.decode(latents, in_loop=True)
@@ -126,6 +152,7 @@ class Searcher:
         """
         cfg = self.cfg
         seeds = [base.seeds[i] for i in idx.tolist()]
+        edit = edit.take(idx)
         latents, images, logits = self._render(seeds, alpha, edit, embeds, delta)
         # In the loop, a flip is a change of the loop image's decision; the full VAE confirms it after.
         loss = torch.relu(self.criterion.margin(logits, base.loop_pred[idx]) + cfg.kappa)
@@ -133,9 +160,9 @@ class Searcher:
             with self.autocast():
                 emb = self.guide.embed_images(images).float()
             if use_text:  # the image should change the way the weighted text directions do
-                text_dir = torch.nn.functional.normalize(alpha @ edit.text_dirs, dim=-1)
+                text_dir = edit.text_direction(alpha)
             else:
-                text_dir = torch.nn.functional.normalize(edit.text_dirs.sum(0), dim=-1)
+                text_dir = edit.text_direction(torch.ones_like(alpha))
             loss = loss + cfg.lambda_clip * directional_loss(emb, base.guide_emb[idx], text_dir)
         if use_text:
             loss = loss + cfg.lambda_alpha * alpha.abs().sum(-1)
@@ -145,7 +172,7 @@ class Searcher:
 
     def optimise(self, base: Base, edit: Edit, domain: str, edit_space: str, item_seeds=None) -> Outcome:
         """Adam on the edit parameters, per-sample early stop at the first flip."""
-        cfg, B, K = self.cfg, len(base.seeds), edit.directions.shape[0]
+        cfg, B, K = self.cfg, len(base.seeds), edit.directions.shape[-3]
         embeds = self.generator.embed(domain)
         use_text, use_latent = edit_space in ("text", "both"), edit_space in ("latent", "both")
 
@@ -180,6 +207,8 @@ class Searcher:
         latents_out = None
         alpha_out = alpha.detach().clone()
         delta_out = torch.zeros(B)
+        reach = alpha.detach().abs().clone()  # censoring point of an unflipped seed's strength
+        reach_delta = torch.zeros(B)
         per_eval_calls = self.generator.steps
 
         for step in range(cfg.max_steps + 1):
@@ -199,6 +228,9 @@ class Searcher:
             last = step == cfg.max_steps
             for j, i in enumerate(active.tolist()):
                 calls[i] += per_eval_calls
+                reach[i] = torch.maximum(reach[i], a[j].detach().abs())
+                if d is not None:
+                    reach_delta[i] = max(float(reach_delta[i]), float(d[j].detach().norm() / base.noise_norm[i]))
                 if now_flipped[j] or last or not finite[j]:
                     done[i] = True
                     flipped[i] = bool(now_flipped[j])
@@ -243,7 +275,7 @@ class Searcher:
                     delta[done] = frozen_delta[done]
 
         outcome = Outcome(flipped, steps, alpha_out, delta_out.tolist(), final_pred, final_prob,
-                          images_out, calls, status)
+                          images_out, calls, status, reach=reach, reach_delta=reach_delta.tolist())
         if self.generator.loop_decoder is not None and latents_out is not None:
             self._confirm_with_full_vae(outcome, latents_out, base)
         return outcome
@@ -265,7 +297,7 @@ class Searcher:
                 value = grid[gi]
                 alpha = torch.full((B, 1), value, device=self.device)
                 with self.autocast():  # sweeps judge with the full VAE: no gradients to save
-                    latents = self.generator.sample_latents(base.seeds, embeds + alpha[:, :, None] * edit.directions)
+                    latents = self.generator.sample_latents(base.seeds, edit.conditioning(embeds, alpha))
                     images = self.generator.decode(latents).float()
                     logits = self.target(images).float()
                 pred = self.criterion.decision(logits)
@@ -282,8 +314,9 @@ class Searcher:
                         final_pred[i], final_prob[i] = int(pred[i]), float(prob[i])
                         images_out[i] = images[i]
         calls = [len(grid) * self.generator.steps] * B
+        reach = torch.full((B, 1), float(max(abs(v) for v in grid)))
         return Outcome(flipped, [len(grid)] * B, alpha_out, [0.0] * B, final_pred, final_prob,
-                       images_out, calls, status, curves=curves)
+                       images_out, calls, status, reach=reach, reach_delta=[0.0] * B, curves=curves)
 
 
 def strength(alpha_row, delta_rel: float, edit_space: str) -> float:
@@ -294,6 +327,7 @@ def strength(alpha_row, delta_rel: float, edit_space: str) -> float:
 
 
 def random_direction(like: torch.Tensor, norm: float, seed: int) -> torch.Tensor:
+    """A Gaussian direction shaped like `like`, of the given norm (seeded: the same on every rank)."""
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(like.shape, generator=g).to(like.device)
     return v * (norm / v.norm())

@@ -1,14 +1,25 @@
-"""The statistics of the report, all from scipy.stats (nothing hand-rolled).
+"""The statistics of the report, from scipy.stats wherever scipy has them.
 
-- Wilson score interval for a flip rate (95% by default);
-- one-sided Fisher exact test: is an attribute's flip rate greater than the null control's?
-- Benjamini-Hochberg q-values across the attributes of one run;
-- for `zoom compare`: Newcombe's hybrid score interval for a difference of two flip rates (built
-  from the two scipy Wilson intervals) and a two-sided Fisher exact test of equal flip rates.
+Attribute vs null control (same seeds, so paired):
+- exact one-sided McNemar test: on the seeds where both finished, a binomial test of the
+  discordant pairs (attribute flipped, null did not) against (null flipped, attribute did not);
+- Benjamini-Hochberg q-values across the attributes of one run.
+
+Intervals: Wilson score interval for a flip rate; Clopper-Pearson (exact) bounds for the gate.
+
+`zoom compare`: paired by seed when both runs drew the same seeds (exact two-sided McNemar and
+Newcombe's paired score interval for the difference), otherwise unpaired (two-sided Fisher exact
+test and Newcombe's hybrid score interval).
+
+`zoom check`: an intersection-union test per attribute (rate > R *and* > null), Holm across the
+checked attributes.
+
+Strength to flip: Kaplan-Meier quantiles with unflipped seeds right-censored (scipy.stats.ecdf).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 from scipy import stats
@@ -16,6 +27,7 @@ from scipy import stats
 NAN = float("nan")
 
 
+@functools.lru_cache(maxsize=65536)  # scipy computes a p-value on the way; counts repeat across a report
 def wilson_interval(flips: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     if n == 0:
         return NAN, NAN
@@ -23,12 +35,43 @@ def wilson_interval(flips: int, n: int, confidence: float = 0.95) -> tuple[float
     return float(ci.low), float(ci.high)
 
 
-def greater_than_null_p(flips: int, n: int, null_flips: int, null_n: int) -> float:
-    """One-sided exact p-value for H1: attribute flip rate > null flip rate (Fisher's exact test)."""
-    if n == 0 or null_n == 0:
+def exact_lower_bound(flips: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson lower bound: the rate is above it with the given confidence."""
+    if n == 0:
         return NAN
-    table = [[flips, n - flips], [null_flips, null_n - null_flips]]
-    return float(stats.fisher_exact(table, alternative="greater").pvalue)
+    return float(stats.binomtest(flips, n).proportion_ci(confidence_level=2 * confidence - 1, method="exact").low)
+
+
+@functools.lru_cache(maxsize=65536)
+def rate_above_p(flips: int, n: int, rate: float) -> float:
+    """Exact one-sided p-value for H1: the true flip rate exceeds `rate` (binomial test)."""
+    if n == 0:
+        return NAN
+    if rate >= 1.0:
+        return 1.0
+    return float(stats.binomtest(flips, n, rate, alternative="greater").pvalue)
+
+
+@functools.lru_cache(maxsize=65536)
+def mcnemar_greater_p(attribute_only: int, null_only: int) -> float:
+    """Exact one-sided McNemar test for H1: the attribute flips a seed more often than the null does.
+
+    Only discordant seeds carry information; under H0 each is the attribute's with probability 1/2.
+    No discordant seed: p = 1. Valid whatever the correlation between the two arms on a seed
+    (including the negative correlation of a joint search, where at most one arm is credited).
+    """
+    m = attribute_only + null_only
+    if m == 0:
+        return 1.0
+    return float(stats.binomtest(attribute_only, m, 0.5, alternative="greater").pvalue)
+
+
+def mcnemar_two_sided_p(only_1: int, only_2: int) -> float:
+    """Exact two-sided McNemar test of equal rates on paired seeds (same as statsmodels' exact mcnemar)."""
+    m = only_1 + only_2
+    if m == 0:
+        return 1.0
+    return float(stats.binomtest(only_1, m, 0.5, alternative="two-sided").pvalue)
 
 
 def bh_qvalues(pvalues: list[float]) -> list[float]:
@@ -42,28 +85,74 @@ def bh_qvalues(pvalues: list[float]) -> list[float]:
     return q
 
 
+def holm_adjusted(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control; scipy has no Holm).
+    NaN entries stay NaN and are not counted in the family."""
+    idx = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])
+    m, running = len(idx), 0.0
+    out = [NAN] * len(pvalues)
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
 def difference_interval(flips_1: int, n_1: int, flips_2: int, n_2: int,
                         confidence: float = 0.95) -> tuple[float, float]:
-    """Newcombe's hybrid score interval for p1 - p2 (method 10 of Newcombe 1998).
+    """Newcombe's hybrid score interval for p1 - p2, independent samples (method 10 of Newcombe 1998).
 
-    It combines the two Wilson intervals (l_i, u_i) of the rates p_i:
-    [d - sqrt((p1 - l1)^2 + (u2 - p2)^2), d + sqrt((u1 - p1)^2 + (p2 - l2)^2)], d = p1 - p2.
-    It stays inside [-1, 1] and behaves well at 0 and n flips, unlike the Wald interval.
+    [d - sqrt((p1 - l1)^2 + (u2 - p2)^2), d + sqrt((u1 - p1)^2 + (p2 - l2)^2)], d = p1 - p2, with
+    (l_i, u_i) the Wilson intervals. It stays inside [-1, 1] and behaves well at 0 and n flips.
     """
     if n_1 == 0 or n_2 == 0:
         return NAN, NAN
-    p1, p2 = flips_1 / n_1, flips_2 / n_2
-    l1, u1 = wilson_interval(flips_1, n_1, confidence)
-    l2, u2 = wilson_interval(flips_2, n_2, confidence)
+    return _newcombe(flips_1 / n_1, flips_2 / n_2, wilson_interval(flips_1, n_1, confidence),
+                     wilson_interval(flips_2, n_2, confidence), 0.0)
+
+
+def paired_difference_interval(both: int, only_1: int, only_2: int, neither: int,
+                               confidence: float = 0.95) -> tuple[float, float]:
+    """Newcombe's score interval for p1 - p2 from paired data (method 10 of Newcombe 1998b, as in
+    Altman et al., Statistics with Confidence): the hybrid interval with the two Wilson intervals
+    combined through the phi correlation of the 2x2 table (AD - BC shrunk by n/2 when positive),
+    so a positive correlation between the pairs narrows it."""
+    n = both + only_1 + only_2 + neither
+    if n == 0:
+        return NAN, NAN
+    k1, k2 = both + only_1, both + only_2
+    denominator = k1 * (n - k1) * k2 * (n - k2)
+    cross = both * neither - only_1 * only_2
+    cross = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+    phi = cross / math.sqrt(denominator) if denominator > 0 else 0.0
+    return _newcombe(k1 / n, k2 / n, wilson_interval(k1, n, confidence), wilson_interval(k2, n, confidence), phi)
+
+
+def _newcombe(p1, p2, ci1, ci2, phi) -> tuple[float, float]:
+    (l1, u1), (l2, u2) = ci1, ci2
     d = p1 - p2
-    low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    low = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    high = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return max(-1.0, low), min(1.0, high)
 
 
 def two_sided_exact_p(flips_1: int, n_1: int, flips_2: int, n_2: int) -> float:
-    """Two-sided Fisher exact p-value for H0: both flip rates are equal."""
+    """Two-sided Fisher exact p-value for H0: both flip rates are equal (independent samples)."""
     if n_1 == 0 or n_2 == 0:
         return NAN
     table = [[flips_1, n_1 - flips_1], [flips_2, n_2 - flips_2]]
     return float(stats.fisher_exact(table, alternative="two-sided").pvalue)
+
+
+def censored_quantiles(flipped: list[float], censored: list[float], probs=(0.25, 0.5, 0.75)) -> list[float | None]:
+    """Kaplan-Meier quantiles of the strength to flip: `flipped` are strengths at which seeds flipped,
+    `censored` the strengths unflipped seeds reached without flipping (right-censored). A quantile the
+    estimate never passes (too few flips) is None: "more than the search reached"."""
+    if not flipped:
+        return [None] * len(probs)
+    result = stats.ecdf(stats.CensoredData(uncensored=list(flipped), right=list(censored)))
+    xs, cdf = result.cdf.quantiles, result.cdf.probabilities
+    out = []
+    for q in probs:
+        hits = [x for x, p in zip(xs, cdf) if p > q + 1e-12]  # smallest t with F(t) > q, as statsmodels
+        out.append(float(hits[0]) if hits else None)
+    return out

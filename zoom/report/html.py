@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..prompts import NULL_NAME
 from . import plots
+from .aggregate import format_p, format_strength
 
 GALLERY_CAP = 12        # counterfactual pairs shown per attribute (flipped first)
 CLASS_COLUMNS = 8       # base classes shown in the per-class table; the rest are pooled as "other"
@@ -30,7 +31,7 @@ def _env():
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(num=_num, pval=_pval, pct=_pct, signed=_signed, bytes=_bytes)
+    env.filters.update(num=_num, pval=_pval, pct=_pct, signed=_signed, bytes=_bytes, strength=_strength)
     return env
 
 
@@ -51,11 +52,11 @@ def _pct(x) -> str:
 
 
 def _pval(x) -> str:
-    if _missing(x):
-        return "–"
-    if x < 1e-4:
-        return f"{x:.1e}"
-    return f"{x:.4f}" if x < 0.01 else f"{x:.3f}"
+    return "–" if _missing(x) else format_p(x)
+
+
+def _strength(row: dict, limit) -> str:
+    return format_strength(row, limit).replace("-", "–").replace(">", "> ")
 
 
 def _bytes(x) -> str:
@@ -95,10 +96,11 @@ def _gallery(report: dict, records: list[dict], run_dir: Path, cap: int) -> list
             "cf_src": image_src(run_dir, r.get("counterfactual_image")),
             "base_label": r.get("base_label", r.get("base_pred")), "final_label": r.get("final_label", r.get("final_pred")),
             "base_prob": r.get("base_prob"), "final_prob": r.get("final_prob"),
-            "alpha": r.get("alpha"), "strength": r.get("strength"),
+            "alpha": r.get("alpha"), "strength": r.get("strength"), "reach": r.get("reach", r.get("strength")),
+            "prompt": r.get("prompt"),
         } for r in shown]
         sections.append({
-            "name": row["name"], "prompt": row.get("prompt"), "slug": row.get("slug") or NULL_NAME,
+            "name": row["name"], "prompt": row.get("prompt"), "slug": row.get("slug") or f"{NULL_NAME}*",
             "is_null": row["name"] == NULL_NAME and row is report["null"],
             "flips": row["flips"], "n": row["n"], "pairs": items,
             "more": len(ok) - len(shown), "more_flipped": max(0, len(flipped) - cap) if len(flipped) > cap else 0,
@@ -121,16 +123,23 @@ def _per_class(report: dict) -> dict:
         cells = []
         for label in shown:
             c = per.get(label)
-            cells.append(None if c is None else {"flips": c["flips"], "n": c["n"], "rate": c["flips"] / c["n"]})
+            cells.append(None if c is None else _cell(c["flips"], c["n"]))
         if pooled:
             k = sum(per[lab]["flips"] for lab in pooled if lab in per)
             n = sum(per[lab]["n"] for lab in pooled if lab in per)
-            cells.append({"flips": k, "n": n, "rate": k / n} if n else None)
+            cells.append(_cell(k, n) if n else None)
         table.append({"name": row["name"], "is_null": row is report["null"], "cells": cells})
     columns = [{"label": lab, "n": totals[lab]} for lab in shown]
     if pooled:
         columns.append({"label": f"other ({len(pooled)} classes)", "n": sum(totals[lab] for lab in pooled)})
     return {"columns": columns, "rows": table}
+
+
+def _cell(flips: int, n: int) -> dict:
+    from ..stats import wilson_interval
+
+    low, high = wilson_interval(flips, n)
+    return {"flips": flips, "n": n, "rate": flips / n, "ci_low": low, "ci_high": high}
 
 
 def _verdict(report: dict) -> dict:
@@ -139,7 +148,8 @@ def _verdict(report: dict) -> dict:
     uppers = [a["ci_high"] for a in attrs if not _missing(a.get("ci_high")) and not a.get("significant")]
     ns = sorted({a["n"] for a in attrs})
     return {"significant": significant, "tested": len(attrs), "max_upper": max(uppers) if uppers else None,
-            "ns": ns, "null": report["null"], "level": report.get("significance_level", 0.05)}
+            "ns": ns, "null": report["null"], "level": report.get("significance_level", 0.05),
+            "untestable": [a["name"] for a in attrs if a.get("testable") is False]}
 
 
 def _models(run: dict) -> list[dict]:

@@ -1,0 +1,138 @@
+"""Loading every model an audit needs (generator, guide, judge, target, oracles), the device, and the
+provenance of what was loaded (run.json): versions, ids, revisions and file hashes.
+
+Every failure is a ZoomError raised before anything is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import ZoomError
+
+
+@dataclass
+class Models:
+    generator: object
+    guide: object
+    judge: object
+    target: object
+    criterion: object
+    oracles: dict | None = None  # attribute name -> (classifier, index of the label meaning "present")
+
+
+def pick_device(config: Config, state=None) -> torch.device:
+    if config.device != "auto":
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ZoomError(f"device={config.device!r} but no CUDA GPU is visible; use device: cpu or auto")
+        return torch.device(config.device)
+    if state is not None and state.device.type != "cpu":
+        return state.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_models(config: Config, device, target=None) -> Models:
+    """Load every model the audit needs; any failure is a ZoomError raised before output is written.
+
+    `target` (an nn.Module) replaces config.target.spec: the Python API's way to audit a model in memory.
+    """
+    from .generator import Generator
+    from .guide import Clip
+    from .targets import load_target, make_criterion
+
+    g = config.generator
+    generator = Generator.from_pretrained(g.model, revision=g.revision, steps=g.steps,
+                                          guidance_scale=g.guidance_scale, resolution=g.resolution,
+                                          device=device, loop_decoder=g.loop_decoder,
+                                          gradient_checkpointing=g.gradient_checkpointing)
+    guide = Clip.load(config.guide.model, config.guide.pretrained, device)
+    judge = Clip.load(config.judge.model, config.judge.pretrained, device)
+    target = load_target(target if target is not None else config.target.spec,
+                         trust_remote_code=config.target.trust_remote_code, device=device)
+    criterion = make_criterion(config.target.task, config.target.label, config.target.target_class, target.labels)
+    oracles = {}
+    for name, oracle in config.oracle.items():
+        model = load_target(oracle["spec"], device=device)
+        oracles[name] = (model, _label_index(model, oracle["label"], f"oracle.{name}.label"))
+    return Models(generator, guide, judge, target, criterion, oracles)
+
+
+def _label_index(model, label, key: str) -> int:
+    labels = model.labels or []
+    if isinstance(label, int):
+        if not 0 <= label < max(len(labels), label + 1):
+            raise ZoomError(f"config key {key}={label} is not a class index of the model")
+        return label
+    if label not in labels:
+        raise ZoomError(f"config key {key}={label!r} is not one of the model's labels: {', '.join(map(str, labels))}")
+    return labels.index(label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("zoom", "torch", "torchvision", "diffusers", "transformers", "accelerate", "open_clip_torch", "timm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def fingerprint(path: str) -> dict | None:
+    """sha256 of a local model's files (files over 64 MiB: size + first and last MiB), else None."""
+    path = path.split("local-dir:", 1)[-1].split(":", 1)[-1] if ":" in path else path
+    p = Path(os.path.expanduser(path))
+    if not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            if size <= 64 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(str(size).encode() + fh.read(1 << 20))
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read())
+    return {"path": str(p), "sha256": digest.hexdigest(), "files": len(files)}
+
+
+def run_info(config: Config, models: Models, device, world: int) -> dict:
+    g = models.generator
+    return {
+        "start_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "precision": config.precision,
+        "num_processes": world,
+        "versions": package_versions(),
+        "models": {
+            "generator": {"id": config.generator.model, "revision": config.generator.revision,
+                          "scheduler": type(g.scheduler).__name__, "files": fingerprint(config.generator.model)},
+            "guide": {"id": config.guide.model, "pretrained": config.guide.pretrained,
+                      "files": fingerprint(config.guide.model)},
+            "judge": {"id": config.judge.model, "pretrained": config.judge.pretrained,
+                      "files": fingerprint(config.judge.model)},
+            "target": {"spec": config.target.spec, "task": config.target.task,
+                       "files": fingerprint(config.target.spec)},
+        },
+        "search": {"mode": config.search.mode, "edit_space": config.search.edit_space,
+                   "samples": config.search.samples, "seed": config.search.seed},
+    }
