@@ -54,12 +54,12 @@ def mobilenet_v2_weights():
 
 @pytest.fixture(scope="session")
 def demo_config(tiny):
-    """configs/demo.yaml, loaded through the same code as any user config."""
+    """configs/tiny.yaml, loaded through the same code as any user config."""
     from pathlib import Path
 
     from zoom.config import load_config
 
-    return load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    return load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ PROMPTS = {
     "beard": "a photo of a person's face with a beard",
     "hat": "a photo of a person's face wearing a hat",
     "null": "a picture of a person's face",
-}  # the attributes and null of configs/demo.yaml
+}  # the attributes and null of configs/tiny.yaml
 PLANTED = "smile"
 CALIBRATION_SEEDS = range(1000, 1032)
 
@@ -78,11 +78,11 @@ PLANTED_SAMPLES = 32
 
 
 def planted_config(folder):
-    """configs/demo.yaml with a slightly larger search budget (max_steps 10), as the planted audits use."""
+    """configs/tiny.yaml with a slightly larger search budget (max_steps 10), as the planted audits use."""
     from pathlib import Path
 
     path = Path(folder) / "planted.yaml"
-    path.write_text((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text()
+    path.write_text((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text()
                     .replace("max_steps: 8", "max_steps: 10"))
     return path
 

@@ -104,7 +104,7 @@ def test_every_mode_and_edit_space_runs(tmp_path, demo_config, mode, edit_space)
 
 
 def test_real_mobilenet_v2_runs_as_a_multiclass_audit_target(tmp_path, tiny, mobilenet_v2_weights):
-    result = CliRunner().invoke(main, ["audit", "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
+    result = CliRunner().invoke(main, ["audit", "--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
                                        "--target", f"torchvision:mobilenet_v2:{mobilenet_v2_weights}",
                                        "--samples", "4", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -119,7 +119,7 @@ def test_real_mobilenet_v2_runs_as_a_multiclass_audit_target(tmp_path, tiny, mob
 
 
 def test_resume_finishes_with_exactly_the_uninterrupted_records(tmp_path, tiny):
-    config = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    config = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     full, cut = tmp_path / "full", tmp_path / "cut"
     for out in (full, cut):
         assert CliRunner().invoke(main, ["audit", "--config", config, "--samples", "16",
@@ -143,7 +143,7 @@ def test_resume_finishes_with_exactly_the_uninterrupted_records(tmp_path, tiny):
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny):
-    config = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    config = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     out = tmp_path / "run"
     assert CliRunner().invoke(main, ["audit", "--config", config, "--samples", "8", "--out", str(out)]).exit_code == 0
     before = (out / "records" / "rank-0.jsonl").read_text()
@@ -157,10 +157,10 @@ def test_python_api_audits_an_in_memory_module(tmp_path, tiny, calibration):
     import zoom
     from planted import PLANTED, planted_readout
 
-    report = zoom.audit(str(Path(__file__).parents[1] / "configs" / "demo.yaml"), tmp_path / "run",
+    report = zoom.audit(str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), tmp_path / "run",
                         target=planted_readout(calibration), samples=8, progress=False)
     assert report["attributes"][0]["name"] == PLANTED
     assert report["run"]["config"]["target"]["spec"] == "python:(in-memory module)"
     with pytest.raises(zoom.ZoomError, match="already exists"):
-        zoom.audit(str(Path(__file__).parents[1] / "configs" / "demo.yaml"), tmp_path / "run",
+        zoom.audit(str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), tmp_path / "run",
                    target=planted_readout(calibration), samples=8)

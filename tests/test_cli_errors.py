@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from zoom.cli import main
 
 ROOT = Path(__file__).parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
+DEMO = ROOT / "configs" / "tiny.yaml"
 
 
 def demo_data() -> dict:
-    """configs/demo.yaml as written (its ${ZOOM_TINY} paths are expanded when the config loads)."""
+    """configs/tiny.yaml as written (its ${ZOOM_TINY} paths are expanded when the config loads)."""
     return yaml.safe_load(DEMO.read_text(encoding="utf-8"))
 
 

@@ -41,7 +41,7 @@ def _write_yaml(path: Path, data) -> Path:
 def test_shipped_files_are_found():
     names = {os.path.basename(p) for p in PROMPT_FILES}
     assert {"faces.yaml", "imagenet_x.yaml"} <= names
-    assert "demo.yaml" in {os.path.basename(p) for p in CONFIG_FILES}
+    assert {"demo.yaml", "tiny.yaml", "default.yaml"} <= {os.path.basename(p) for p in CONFIG_FILES}
 
 
 @pytest.mark.parametrize("path", PROMPT_FILES, ids=os.path.basename)
@@ -132,7 +132,7 @@ def test_resolved_config_round_trips(path, tiny, tmp_path):
 
 
 def test_demo_resolved_has_demo_prompts_and_absolute_paths(tiny):
-    resolved = load_config(ROOT / "configs" / "demo.yaml").resolved()
+    resolved = load_config(ROOT / "configs" / "tiny.yaml").resolved()
     assert [a["name"] for a in resolved["prompts"]["attributes"]] == ["eyeglasses", "smile", "beard", "hat"]
     assert resolved["prompts"]["null"] == "a picture of a person's face"
     assert resolved["generator"]["model"] == str(Path(tiny["sd"]))
@@ -161,7 +161,7 @@ def test_prompts_file_path_is_resolved_and_copied(tmp_path, tiny):
 # Overrides and bad values
 # ---------------------------------------------------------------------------------------------
 
-DEMO = ROOT / "configs" / "demo.yaml"
+DEMO = ROOT / "configs" / "tiny.yaml"
 
 
 def test_cli_overrides_take_effect(tiny):

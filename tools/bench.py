@@ -57,7 +57,7 @@ def tiny_models(device):
 
     paths = build_tiny_models()
     os.environ["ZOOM_TINY"] = str(paths["sd"].parent)
-    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     return load_models(config, device), config.search, paths
 
 

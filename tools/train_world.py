@@ -342,7 +342,7 @@ def stage_diffusion(cfg, work: Path, out: Path):
                                                     "step": step, "rng": rng_state(rng), "gen": gen.get_state()})
             rate = (time.time() - start) / max(len(losses), 1)
             log(f"diffusion: step {step}/{d['steps']} loss {np.mean(losses):.4f} ({rate:.2f} s/step)")
-            losses = []
+            losses, start = [], time.time()
     modules.load_state_dict(ema)
     modules.eval()
     scheduler = DDIMScheduler(**cfg["scheduler"], clip_sample=False, set_alpha_to_one=False, steps_offset=1)

@@ -19,8 +19,10 @@ _SHORT_KEYS = {"samples": "search.samples", "mode": "search.mode", "prompts": "p
 def audit(config, out_dir, *, target=None, resume: bool = False, progress: bool = True, **overrides) -> dict:
     """Run (or, with resume, continue) an audit and return the report dict (report.json's content)."""
     from .config import Config, load_config
-    from .models import load_models, pick_device
+    from .models import load_models, pick_device, quiet_libraries
     from .runner import prepare_run_dir, run_audit
+
+    quiet_libraries()
 
     dotted = {_SHORT_KEYS.get(k, k.replace("_", ".", 1)): v for k, v in overrides.items()}
     if isinstance(config, Config):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import ZoomError
+from .errors import ZoomError, printable
 from .report.aggregate import build_report, format_p
 from .stats import exact_lower_bound, holm_adjusted, rate_above_p
 
@@ -105,14 +105,14 @@ def check_text(result: dict) -> str:
                      "and more often than their null control:")
         for c in result["attributes"]:
             if c["fails"]:
-                lines.append(f"  {c['name']}: {c['flips']}/{c['n']} seeds flipped, flip rate {_fmt(c['flip_rate'])} "
+                lines.append(f"  {printable(c['name'])}: {c['flips']}/{c['n']} seeds flipped, flip rate {_fmt(c['flip_rate'])} "
                              f"(exact 95% lower bound {_fmt(c['exact_lower_bound'])} > {r:g}), null "
                              f"{_fmt(c['null_flip_rate'])} on the same seeds, Holm p = {format_p(c['p_holm'])}")
     lines.append("")
     rows = [("attribute", "flips/n", "flip rate [95% CI]", "lower bound", "null", "p > R", "p > null", "Holm p",
              "verdict")]
     for c in result["attributes"]:
-        rows.append((c["name"][:28], f"{c['flips']}/{c['n']}",
+        rows.append((printable(c["name"])[:28], f"{c['flips']}/{c['n']}",
                      f"{_fmt(c['flip_rate'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]",
                      _fmt(c["exact_lower_bound"]), _fmt(c["null_flip_rate"]), format_p(c["p_above_r"]),
                      format_p(c["p_above_null"]), format_p(c["p_holm"]), "FAIL" if c["fails"] else "ok"))

@@ -1,7 +1,7 @@
-"""`zoom` command line: demo, audit, report, compare, check.
+"""`zoom` command line: demo, audit, report, compare, check, prompts.
 
-Exit codes: 0 success, 1 a `check` that failed, 2 bad input (one line on stderr naming the problem and the fix, no
-traceback, nothing half-written).
+Exit codes: 0 success, 1 a `check` that failed, 2 bad input (one line on stderr naming the problem and
+the fix, no traceback, nothing half-written). Under several processes only the main one speaks.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from pathlib import Path
 
 import click
 
-from .errors import ZoomError
+from .errors import ZoomError, printable
 
-DEMO_NOTICE = ("NOTE: the demo's models are tiny and RANDOMLY initialised; every number below is "
-               "meaningless. It shows the pipeline end to end, offline.")
-
+RANDOM_NOTICE = ("NOTE: this run's models are tiny and RANDOMLY initialised; every number below is meaningless. "
+                 "They exist to test the machinery; `zoom demo` audits a trained model.")
+SPEC_FORMS = ("torchvision:NAME[:WEIGHTS]  timm:NAME[:FILE]  hf:REPO_OR_FOLDER  torchscript:FILE.pt  "
+              "python:MODULE_OR_FILE.py:CALLABLE")
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 class ZoomGroup(click.Group):
@@ -30,7 +35,8 @@ class ZoomGroup(click.Group):
         try:
             return super().main(*args, **kwargs)
         except ZoomError as e:
-            click.echo(f"zoom: error: {e}", err=True)
+            if _is_main_process():
+                click.echo(f"zoom: error: {printable(str(e))}", err=True)
             sys.exit(2)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
@@ -41,92 +47,118 @@ class ZoomGroup(click.Group):
             click.echo(e.format_message())
             sys.exit(0)
         except click.ClickException as e:
-            click.echo(f"zoom: error: {e.format_message()}", err=True)
+            click.echo(f"zoom: error: {printable(e.format_message())}", err=True)
             sys.exit(2)
-
-
-def _quiet_libraries():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _default_out(prefix: str) -> str:
     return f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-@click.group(cls=ZoomGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _print_report(report: dict, out) -> None:
+    from .report import summary_table
+
+    if report["run"].get("random_models"):
+        click.echo(RANDOM_NOTICE)
+    click.echo(summary_table(report))
+    done = report.get("completeness") or {}
+    if not done.get("complete", True):
+        click.echo(f"incomplete: {done['finished']} of {done['expected']} items finished; the numbers cover only "
+                   f"those. Finish it with `zoom audit --config ... --out {out} --resume`")
+    if report["run"].get("random_models"):
+        click.echo(RANDOM_NOTICE)
+    click.echo(f"report: {Path(out).resolve() / 'report.html'}  (and report.json, report.csv)")
+
+
+@click.group(cls=ZoomGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="zoom")
 def main():
-    """zoom: which attributes flip your vision model, how often, how easily, and the images that did it."""
+    """zoom: which attributes flip your vision model, how often, how easily, and the images that did it.
+
+    \b
+    Start here (offline, CPU, about a minute):
+      zoom demo
+    Audit a model:
+      zoom audit --config default --target torchvision:resnet50:IMAGENET1K_V2 --prompts faces
+    """
 
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory to create (default: ./zoom-demo-DATE-TIME).")
 def demo(out):
-    """A full small audit on tiny random models, offline, on CPU."""
+    """A complete audit of a trained model in the shapes world, offline, on CPU.
+
+    The world's models (a text-to-image pipeline, two CLIPs, oracles and a shape classifier trained
+    with a spurious correlation) ship inside the package; the audit should find that correlation.
+    """
     from .config import load_config
-    from .report import summary_table
     from .runner import run_audit
-    from .tiny import build_tiny_models
 
-    _quiet_libraries()
+    from .models import quiet_libraries
+
+    quiet_libraries()
     out = out or _default_out("zoom-demo")
-    click.echo(DEMO_NOTICE)
-    paths = build_tiny_models()
-    os.environ["ZOOM_TINY"] = str(paths["sd"].parent)
-    config = load_config(Path(__file__).parent / "data" / "demo.yaml")
+    config = load_config("demo")
+    click.echo(config.description)
     report = run_audit(config, out)
-    click.echo(summary_table(report))
-    click.echo(DEMO_NOTICE)
-    click.echo(f"report: {Path(out).resolve() / 'report.json'}")
-    click.echo(f"open in a browser: {Path(out).resolve() / 'report.html'}")
+    _print_report(report, out)
 
 
-@main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Run config (YAML).")
-@click.option("--target", help="Target spec, e.g. torchvision:resnet50:IMAGENET1K_V2 (overrides target.spec).")
-@click.option("--prompts", help="Attribute set YAML (overrides prompts).")
-@click.option("--samples", type=int, help="Seeds per attribute (overrides search.samples).")
-@click.option("--mode", type=click.Choice(["single", "joint", "sweep"]), help="Search mode.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default: runs/audit-DATE-TIME).")
+@main.command(epilog="""\b
+Examples:
+  zoom audit --config demo                                   # the shapes world, offline
+  zoom audit --config default --target torchvision:resnet50:IMAGENET1K_V2 --prompts faces
+  zoom audit --config default --target hf:/models/my-classifier --samples 128 --out runs/mine
+  zoom audit --config default --out runs/mine --resume       # continue after a crash
+  zoom audit --config default --num-processes 4              # 4 processes (GPUs, or CPU cores)
+\b
+Target specs: """ + SPEC_FORMS + """
+Configs and prompt sets: a path, or a bundled name (`zoom prompts` lists them).""")
+@click.option("--config", "config_path", required=True, metavar="NAME|FILE",
+              help="Run config: a bundled name (demo, default, sd15, tiny) or a YAML file.")
+@click.option("--target", metavar="SPEC", help="Model to audit (default: the config's target.spec).")
+@click.option("--prompts", metavar="NAME|FILE", help="Attribute set (default: the config's prompts).")
+@click.option("--samples", type=int, help="Seeds per attribute (default: the config's search.samples).")
+@click.option("--seed", type=int, help="First seed; sample i uses seed + i (default: the config's search.seed).")
+@click.option("--mode", type=click.Choice(["single", "joint", "sweep"]), help="Search mode (default: the config's).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Mixed precision (default: the config's; use fp32 on CPU).")
+@click.option("--device", metavar="auto|cpu|cuda|cuda:N", help="Where to run (default: the config's device).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory to create (default: runs/audit-DATE-TIME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished items.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow hf: targets to run code from their repository.")
-@click.option("--num-processes", type=click.IntRange(min=1), default=1,
-              help="Run on K processes (one per GPU) through `accelerate launch`.")
-def audit(config_path, target, prompts, samples, mode, precision, out, resume, trust_remote_code, num_processes):
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes to run on, through `accelerate launch`: one per GPU, or CPU processes.")
+def audit(config_path, target, prompts, samples, seed, mode, precision, device, out, resume, trust_remote_code,
+          num_processes):
     """Audit a target model's sensitivity to the attributes of a prompt set."""
     from .config import load_config
-    from .report import summary_table
     from .runner import prepare_run_dir, run_audit
 
     if resume and not out:
         raise ZoomError("--resume needs --out RUN_DIR: the run directory to continue")
-    overrides = {"target.spec": target, "prompts": prompts, "search.samples": samples, "search.mode": mode,
-                 "precision": precision, "target.trust_remote_code": True if trust_remote_code else None}
+    overrides = {"target.spec": target, "prompts": prompts, "search.samples": samples, "search.seed": seed,
+                 "search.mode": mode, "precision": precision, "device": device,
+                 "target.trust_remote_code": True if trust_remote_code else None}
+    from .models import quiet_libraries
+
+    quiet_libraries()
     config = load_config(config_path, overrides)
-    _quiet_libraries()
     out = out or os.path.join("runs", _default_out("audit"))
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         prepare_run_dir(out, config, resume)  # bad input fails here, once, before K processes start
         args = ["audit", "--config", config_path, "--out", out]
-        for flag, value in [("--target", target), ("--prompts", prompts), ("--samples", samples),
-                            ("--mode", mode), ("--precision", precision)]:
+        for flag, value in [("--target", target), ("--prompts", prompts), ("--samples", samples), ("--seed", seed),
+                            ("--mode", mode), ("--precision", precision), ("--device", device)]:
             if value is not None:
                 args += [flag, str(value)]
         args += ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
         sys.exit(_launch(num_processes, config, args))
     report = run_audit(config, out, resume=resume)
     if report is not None:
-        click.echo(summary_table(report))
-        click.echo(f"report: {Path(out).resolve() / 'report.json'}")
+        _print_report(report, out)
 
 
 def _launch(num_processes: int, config, args: list[str]) -> int:
@@ -141,24 +173,34 @@ def _launch(num_processes: int, config, args: list[str]) -> int:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "zoom", *args]
-    return subprocess.run(command, env=env).returncode
+    # The children print zoom's own one-line errors; accelerate's launcher would add its traceback.
+    result = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
+    own = [line for line in result.stderr.splitlines() if line.startswith(("zoom: ", "counterfactuals"))]
+    if result.returncode == 0:
+        sys.stderr.write(result.stderr)
+    elif own:
+        sys.stderr.write("\n".join(own) + "\n")
+    else:
+        sys.stderr.write(result.stderr)
+    return 2 if result.returncode and any(line.startswith("zoom: error") for line in own) else result.returncode
 
 
-@main.command()
+@main.command(epilog="Example:\n\n  zoom report runs/mine")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir):
     """Rebuild report.json, report.csv and report.html of RUN_DIR from its records (no models needed)."""
-    from .report import summary_table, write_report
+    from .report import write_report
 
     if not os.path.isdir(run_dir):
         raise ZoomError(f"run directory {run_dir!r} does not exist")
-    rebuilt = write_report(run_dir)
-    click.echo(summary_table(rebuilt))
-    click.echo(f"report: {Path(run_dir).resolve() / 'report.json'}")
-    click.echo(f"open in a browser: {Path(run_dir).resolve() / 'report.html'}")
+    _print_report(write_report(run_dir, lock=True), run_dir)
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  zoom compare runs/resnet50-v1 runs/resnet50-v2                 # table: B - A per attribute
+  zoom compare runs/resnet50-v1 runs/resnet50-v2 --json          # the same as JSON
+  zoom compare runs/resnet50-v1 runs/resnet50-v2 --html cmp.html # and a self-contained page""")
 @click.argument("run_a", type=click.Path())
 @click.argument("run_b", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of a table.")
@@ -172,13 +214,13 @@ def compare(run_a, run_b, as_json, html_path):
 
     if html_path and os.path.isdir(html_path):
         raise ZoomError(f"--html {html_path!r} is a directory; give a file name such as compare.html")
+    if html_path and not Path(html_path).resolve().parent.is_dir():
+        raise ZoomError(f"--html {html_path!r}: its folder does not exist")
     result = compare_runs(run_a, run_b)
     if html_path:
         from .report.html import render_compare
         from .rundir import atomic_write
 
-        if not Path(html_path).resolve().parent.is_dir():
-            raise ZoomError(f"--html {html_path!r}: its folder does not exist")
         atomic_write(Path(html_path), render_compare(result))
     if as_json:
         click.echo(json.dumps(result, indent=1, allow_nan=False))
@@ -188,15 +230,22 @@ def compare(run_a, run_b, as_json, html_path):
             click.echo(f"html: {Path(html_path).resolve()}")
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  zoom check runs/mine --max-flip-rate 0.2
+  zoom check runs/mine --max-flip-rate 0.2 --attribute eyeglasses --attribute hat --json""")
 @click.argument("run_dir", type=click.Path())
 @click.option("--max-flip-rate", "max_flip_rate", required=True, metavar="R",
-              help="Fail when an attribute's flip rate is significantly above the null and its 95% lower bound exceeds R (0..1).")
+              help="Fail when exact tests show an attribute's flip rate above R (0..1) and above its null control.")
 @click.option("--attribute", "attributes", multiple=True, metavar="NAME",
               help="Check only this attribute (repeatable); default: all.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def check(run_dir, max_flip_rate, attributes, as_json):
-    """A pre-deployment gate: exit 1 (and say why) when an attribute's flip rate is too high, else 0."""
+    """A pre-deployment gate: exit 1 (and say why) when an attribute's flip rate is too high, else 0.
+
+    When no checked attribute truly flips more often than R (or than its null control), the gate fails
+    a run at most 5% of the time, however many attributes are checked.
+    """
     import json
 
     from .check import check_run, check_text
@@ -205,6 +254,22 @@ def check(run_dir, max_flip_rate, attributes, as_json):
     click.echo(json.dumps(result, indent=1, allow_nan=False) if as_json else check_text(result))
     if not result["passed"]:
         sys.exit(1)
+
+
+@main.command(name="prompts")
+def list_prompts():
+    """List the bundled prompt sets (with their attributes) and configs."""
+    from .prompts import bundled, load_prompts
+
+    click.echo("Prompt sets (--prompts NAME):")
+    for name, path in bundled("prompts").items():
+        ps = load_prompts(path)
+        click.echo(f"  {name:<11} {printable(ps.domain)!r}: {', '.join(printable(a.name) for a in ps.attributes)}")
+    click.echo("Configs (--config NAME):")
+    for name, path in bundled("configs").items():
+        first = next((line[1:].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+                      if line.startswith("#")), "")
+        click.echo(f"  {name:<11} {first}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import ZoomError
+from .errors import ZoomError, printable
 from .prompts import NULL_NAME
 from .report.aggregate import SIGNIFICANCE, format_p
 from .stats import (bh_qvalues, difference_interval, mcnemar_two_sided_p, paired_difference_interval,
@@ -201,7 +201,7 @@ def compare_table(c: dict) -> str:
     rows = [("attribute", "A flips/n", "A rate", "B flips/n", "B rate", "B-A [95% CI]", "p", "q", "sig")]
     for r in c["attributes"] + [dict(c["null"], q_value=None, significant=False)]:
         a, b = r["a"], r["b"]
-        rows.append((r["name"][:28], f"{a['flips']}/{a['n']}", _fmt(a["flip_rate"]), f"{b['flips']}/{b['n']}",
+        rows.append((printable(r["name"])[:28], f"{a['flips']}/{a['n']}", _fmt(a["flip_rate"]), f"{b['flips']}/{b['n']}",
                      _fmt(b["flip_rate"]),
                      f"{_fmt(r['difference'], '+.2f')} [{_fmt(r['diff_ci_low'], '+.2f')}, {_fmt(r['diff_ci_high'], '+.2f')}]",
                      format_p(r["p_value"]), format_p(r.get("q_value")),
@@ -212,8 +212,8 @@ def compare_table(c: dict) -> str:
     lines += table
     different = [r["name"] for r in c["attributes"] if r["significant"]]
     if different:
-        lines.append(f"different (BH q < {c['significance_level']}): {', '.join(different)}")
+        lines.append(f"different (BH q < {c['significance_level']}): {', '.join(map(printable, different))}")
     else:
         lines.append(f"no attribute's flip rate differs significantly between A and B (BH q < {c['significance_level']})")
-    lines += [f"warning: {w}" for w in c["warnings"]]
+    lines += [f"warning: {printable(w)}" for w in c["warnings"]]
     return "\n".join(lines)

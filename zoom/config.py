@@ -9,15 +9,17 @@ the prompt file's content copied under `prompts`, so a run directory is self-des
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
 from .errors import ZoomError, looks_like_path
-from .prompts import load_prompts
-from .prompts import _yaml_where
+from .prompts import bundled, find_bundled, load_prompts
+from .files import read_yaml
 
 MODES = ("single", "joint", "sweep")
 EDIT_SPACES = ("text", "latent", "both")
@@ -75,7 +77,7 @@ class Config:
     guide: ClipConfig = field(default_factory=ClipConfig)
     judge: ClipConfig = field(default_factory=lambda: ClipConfig("ViT-B-16", "laion2b_s34b_b88k"))
     target: TargetConfig = field(default_factory=TargetConfig)
-    prompts: typing.Union[str, dict] = "prompts/faces.yaml"
+    prompts: typing.Union[str, dict] = "faces"
     search: SearchConfig = field(default_factory=SearchConfig)
     precision: str = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -129,16 +131,14 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
     data = {}
     base_dir = os.getcwd()
     if path is not None:
+        found = find_bundled(path, "configs")
+        if found is None:
+            raise ZoomError(f"config {os.fspath(path)!r} is neither a file nor a bundled config "
+                            f"({', '.join(bundled('configs'))})")
+        path = found
         if not os.path.isfile(path):
-            raise ZoomError(f"config file {os.fspath(path)!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ZoomError(f"config file {os.fspath(path)!r} is not valid YAML ({_yaml_where(e)})") from None
-        except UnicodeDecodeError as e:
-            raise ZoomError(f"config file {os.fspath(path)!r} is not UTF-8 text (byte {e.start}); "
-                            "save it as UTF-8") from None
+            raise ZoomError(f"config {os.fspath(path)!r} is not a file")
+        data = read_yaml(path, "config file") or {}
         base_dir = os.path.dirname(os.path.abspath(path))
     if not isinstance(data, dict):
         raise ZoomError(f"config file {os.fspath(path)!r} must be a YAML mapping of sections")
@@ -188,7 +188,8 @@ def _resolve_path(value: str, base_dir: str) -> str:
 
 def _resolve_paths(c: Config, base_dir: str) -> None:
     if isinstance(c.prompts, str):
-        c.prompts = _resolve_path(c.prompts, base_dir)
+        resolved = _resolve_path(c.prompts, base_dir)
+        c.prompts = resolved if os.path.exists(resolved) else (find_bundled(c.prompts, "prompts") or resolved)
     c.generator.model = _expand(c.generator.model)
     if looks_like_path(c.generator.model):
         c.generator.model = _resolve_path(c.generator.model, base_dir)
@@ -218,26 +219,65 @@ def _choice(key, value, choices):
         raise ZoomError(f"config key {key}={value!r} must be one of {', '.join(choices)}")
 
 
+# Ranges of the numeric keys: (key, low, high, what). Bounds are inclusive; None is unbounded.
+MAX_SEED = 2 ** 63 - 1  # torch.Generator().manual_seed takes 64-bit seeds
+RANGES = [
+    ("search.samples", 1, 10 ** 6, "seeds per attribute"),
+    ("search.seed", 0, MAX_SEED, "the first seed"),
+    ("search.batch_size", 1, 4096, "seeds per forward pass"),
+    ("search.max_steps", 0, 10 ** 5, "optimiser steps"),
+    ("search.sweep_points", 2, 1001, "grid points"),
+    ("search.alpha_max", 1e-6, 1e3, "the bound on |alpha|"),
+    ("search.delta_max", 1e-6, 1e3, "the bound on |delta| / |noise|"),
+    ("search.lr", 1e-9, 1e3, "the learning rate"),
+    ("search.lambda_clip", 0.0, 1e6, "a loss weight"),
+    ("search.lambda_alpha", 0.0, 1e6, "a loss weight"),
+    ("search.lambda_delta", 0.0, 1e6, "a loss weight"),
+    ("search.kappa", 0.0, 1e6, "a margin in logits"),
+    ("generator.steps", 1, 1000, "sampler steps"),
+    ("generator.guidance_scale", 0.0, 100.0, "the guidance scale"),
+    ("generator.resolution", 8, 4096, "the image side in pixels"),
+]
+
+
+def _show(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _get(c: Config, dotted: str):
+    node = c
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(c: Config) -> None:
     s = c.search
     _choice("search.mode", s.mode, MODES)
     _choice("search.edit_space", s.edit_space, EDIT_SPACES)
     _choice("precision", c.precision, PRECISIONS)
     _choice("target.task", c.target.task, TASKS)
-    for key, value in [("search.samples", s.samples), ("search.batch_size", s.batch_size),
-                       ("generator.steps", c.generator.steps), ("search.sweep_points", s.sweep_points)]:
-        if value < 1:
-            raise ZoomError(f"config key {key}={value} must be a positive integer")
-    if s.max_steps < 0:
-        raise ZoomError(f"config key search.max_steps={s.max_steps} must be >= 0")
-    for key, value in [("search.alpha_max", s.alpha_max), ("search.lr", s.lr), ("search.delta_max", s.delta_max)]:
-        if not value > 0:
-            raise ZoomError(f"config key {key}={value} must be > 0")
-    if c.generator.resolution is not None and c.generator.resolution < 8:
-        raise ZoomError(f"config key generator.resolution={c.generator.resolution} must be at least 8 pixels")
+    for key, low, high, what in RANGES:
+        value = _get(c, key)
+        if value is None and key == "generator.resolution":
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ZoomError(f"config key {key}={value} must be a finite number ({what})")
+        if not low <= value <= high:
+            raise ZoomError(f"config key {key}={value} is out of range: {what} must be between {_show(low)} and "
+                            f"{_show(high)}")
+    if s.seed + s.samples - 1 > MAX_SEED:
+        raise ZoomError(f"config keys search.seed={s.seed} and search.samples={s.samples}: the last seed would pass "
+                        f"{MAX_SEED} (the largest 64-bit seed)")
+    for key in ("target.target_class", "target.label"):
+        value = _get(c, key)
+        if isinstance(value, int) and value < 0:
+            raise ZoomError(f"config key {key}={value} must be a class index >= 0 or a label name")
+    if c.target.target_class is not None and c.target.task != "multiclass":
+        raise ZoomError(f"config key target.target_class applies to task multiclass, not {c.target.task}")
     if s.mode == "sweep" and s.edit_space != "text":
         raise ZoomError("search.mode=sweep walks alpha on a grid: it needs search.edit_space=text")
-    if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
+    if not (c.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", c.device)):
         raise ZoomError(f"config key device={c.device!r} must be auto, cpu, cuda or cuda:N")
     from .targets import parse_spec
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .errors import ZoomError
+from .errors import ZoomError, go_offline_if_hub_unreachable, looks_like_path
 
 
 @dataclass
@@ -28,6 +28,37 @@ class Models:
     target: object
     criterion: object
     oracles: dict | None = None  # attribute name -> (classifier, index of the label meaning "present")
+
+
+def quiet_libraries():
+    """No loading bars or library warnings between zoom's own lines (CLI and Python API alike)."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for module in ("huggingface_hub", "diffusers", "transformers", "open_clip", "torch"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+SMALL_UNET = 20_000_000  # parameters; below this, CPU threads mostly wait on each other
+
+
+def configure_threads(device, generator, processes: int = 1) -> int:
+    """Torch's CPU threads, unless OMP_NUM_THREADS says otherwise: one per process for small models (the
+    world's, the tiny test models), where torch's default of one per core was several times slower on a
+    busy machine; one per core (shared among processes) for full-size models."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    size = sum(p.numel() for p in generator.unet.parameters())
+    threads = 1 if size < SMALL_UNET else max(1, (os.cpu_count() or 1) // processes)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def pick_device(config: Config, state=None) -> torch.device:
@@ -50,6 +81,10 @@ def load_models(config: Config, device, target=None) -> Models:
     from .targets import load_target, make_criterion
 
     g = config.generator
+    ids = [g.model, g.loop_decoder or "/", config.target.spec.partition(":")[2] if config.target.spec.startswith("hf:") else "/"]
+    ids += [c.model for c in (config.guide, config.judge) if c.pretrained and not c.model.startswith("local-dir:")]
+    if any(not looks_like_path(i) for i in ids):
+        go_offline_if_hub_unreachable()
     generator = Generator.from_pretrained(g.model, revision=g.revision, steps=g.steps,
                                           guidance_scale=g.guidance_scale, resolution=g.resolution,
                                           device=device, loop_decoder=g.loop_decoder,
@@ -59,11 +94,36 @@ def load_models(config: Config, device, target=None) -> Models:
     target = load_target(target if target is not None else config.target.spec,
                          trust_remote_code=config.target.trust_remote_code, device=device)
     criterion = make_criterion(config.target.task, config.target.label, config.target.target_class, target.labels)
+    check_target_output(target, config, generator.resolution, device)
     oracles = {}
     for name, oracle in config.oracle.items():
         model = load_target(oracle["spec"], device=device)
         oracles[name] = (model, _label_index(model, oracle["label"], f"oracle.{name}.label"))
     return Models(generator, guide, judge, target, criterion, oracles)
+
+
+def check_target_output(target, config: Config, resolution: int, device) -> None:
+    """One grey image through the target before any work: its output must fit the task, and the class
+    or label the config names must exist (a negative or too large index is refused, not wrapped)."""
+    task, t = config.target.task, config.target
+    try:
+        with torch.no_grad():
+            out = target(torch.full((1, 3, resolution, resolution), 0.5, device=device))
+    except Exception as e:
+        raise ZoomError(f"target {t.spec!r} fails on a {resolution}x{resolution} RGB image: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 2 or shape[0] != 1:
+        raise ZoomError(f"target.task={task} needs logits [batch, classes] from the target, but {t.spec!r} returns "
+                        f"{type(out).__name__} of shape {list(shape)}")
+    classes = shape[1]
+    if task == "multiclass" and classes < 2:
+        raise ZoomError(f"target.task=multiclass needs at least 2 logits; {t.spec!r} returns {classes} "
+                        "(use task: binary for one logit)")
+    for key, value in (("target.target_class", t.target_class), ("target.label", t.label)):
+        if isinstance(value, int) and not 0 <= value < classes:
+            raise ZoomError(f"config key {key}={value} is not a class of the target: it has {classes} outputs "
+                            f"(0 to {classes - 1})")
 
 
 def _label_index(model, label, key: str) -> int:
@@ -122,6 +182,7 @@ def run_info(config: Config, models: Models, device, world: int) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "precision": config.precision,
         "num_processes": world,
+        "random_models": uses_random_models(config),
         "versions": package_versions(),
         "models": {
             "generator": {"id": config.generator.model, "revision": config.generator.revision,
@@ -136,3 +197,10 @@ def run_info(config: Config, models: Models, device, world: int) -> dict:
         "search": {"mode": config.search.mode, "edit_space": config.search.edit_space,
                    "samples": config.search.samples, "seed": config.search.seed},
     }
+
+
+def uses_random_models(config: Config) -> bool:
+    """True when the generator is zoom's tiny random pipeline (its numbers mean nothing)."""
+    from .tiny import is_tiny_model
+
+    return is_tiny_model(config.generator.model)

@@ -11,9 +11,9 @@ import os
 import re
 from dataclasses import dataclass
 
-import yaml
 
 from .errors import ZoomError
+from .files import read_yaml
 
 NULL_NAME = "null"
 
@@ -50,20 +50,37 @@ def slugify(index: int, name: str) -> str:
     return f"{index:02d}-{slug}"
 
 
+def bundled(kind: str) -> dict:
+    """The configs or prompt sets that ship inside the package: {name: path}."""
+    from importlib import resources
+
+    folder = resources.files("zoom.data").joinpath(kind)
+    return {entry.name[:-5]: str(entry) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith(".yaml")}
+
+
+def find_bundled(value, kind: str):
+    """A path as given if it exists, else the bundled file of that name (`faces`, `demo`, ...), else None."""
+    text = os.fspath(value)
+    if os.path.exists(os.path.expanduser(text)):
+        return text
+    return bundled(kind).get(text[:-5] if text.endswith(".yaml") and os.sep not in text else text)
+
+
 def load_prompts(source) -> PromptSet:
-    """From a YAML file path or an already-parsed mapping (as copied into a run's config.yaml)."""
+    """From a bundled set's name, a YAML file path, or an already-parsed mapping (as copied into a
+    run's config.yaml)."""
     where = "prompts"
     if isinstance(source, (str, os.PathLike)):
         where = f"prompts file {os.fspath(source)!r}"
+        found = find_bundled(source, "prompts")
+        if found is None:
+            raise ZoomError(f"prompts {os.fspath(source)!r} is neither a file nor a bundled prompt set "
+                            f"({', '.join(bundled('prompts'))}); `zoom prompts` lists them")
+        source = found
         if not os.path.isfile(source):
-            raise ZoomError(f"{where} does not exist")
-        try:
-            with open(source, encoding="utf-8") as f:
-                source = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ZoomError(f"{where} is not valid YAML ({_yaml_where(e)})") from None
-        except UnicodeDecodeError as e:
-            raise ZoomError(f"{where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            raise ZoomError(f"{where} is not a file")
+        source = read_yaml(source, "prompts file")
     if not isinstance(source, dict):
         raise ZoomError(f"{where} must be a mapping with 'domain' and 'attributes'")
     data = {("null" if k is None else k): v for k, v in source.items()}  # YAML reads a bare `null:` key as None
@@ -104,9 +121,3 @@ def load_prompts(source) -> PromptSet:
         raise ZoomError(f"{where}: a 'null' paraphrase is the domain prompt itself, so it changes nothing; "
                         "reword it (e.g. 'a picture of ...') or leave 'null' out for random directions")
     return PromptSet(clean_prompt(domain), tuple(attributes), tuple(nulls))
-
-
-def _yaml_where(e) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or "parse error"
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

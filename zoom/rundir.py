@@ -25,6 +25,7 @@ import yaml
 
 from .config import dump_config
 from .errors import ZoomError
+from .files import read_yaml
 
 RECORDS_DIR = "records"
 IMAGES_DIR = "images"
@@ -237,10 +238,9 @@ def read_config(run_dir, what: str = "") -> dict:
     prefix = f"{what}: " if what else ""
     if not path.exists():
         raise ZoomError(f"{prefix}{str(run_dir)!r} is not a zoom run directory (no config.yaml)")
-    try:
-        config = yaml.safe_load(_read_text(path, "a config file"))
-    except yaml.YAMLError:
-        raise ZoomError(f"{prefix}{str(path)!r} is not valid YAML; the run directory is damaged") from None
+    if path.is_dir():
+        raise ZoomError(f"{prefix}{str(path)!r} is a directory, not a config file; the run directory is damaged")
+    config = read_yaml(path, f"{prefix}the run's config")
     attributes = (config.get("prompts") or {}).get("attributes") if isinstance(config, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("prompts"), dict) or not isinstance(attributes, list) \
             or not all(isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("prompt"), str)

@@ -24,7 +24,7 @@ import torch
 
 from .config import Config
 from .errors import ZoomError
-from .models import Models, load_models, pick_device, run_info
+from .models import Models, configure_threads, load_models, pick_device, run_info
 from .prompts import NULL_NAME, Attribute, load_prompts
 from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, check_out_dir, open_run_dir, read_records, save_png,
                      write_rank_meta)
@@ -53,6 +53,7 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     resolved = prepare_run_dir(out, config, resume)
     device = pick_device(config, state)
     models = models or load_models(config, device)
+    configure_threads(device, models.generator, world)
     prompts = load_prompts(config.prompts)
     from .edits import Edits
 
@@ -321,4 +322,5 @@ def _write_rank_meta(out: Path, rank: int, device) -> None:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="item", desc="counterfactuals", file=sys.stderr)
+    # disable=None: tqdm shows the bar on a terminal only, never in logs or pipes
+    return tqdm(total=total, disable=None if enabled else True, unit="item", desc="counterfactuals", file=sys.stderr)

@@ -124,6 +124,15 @@ def _build_target(folder: Path) -> None:
     ViTImageProcessor(**shape["processor"]).save_pretrained(folder)
 
 
+def is_tiny_model(path) -> bool:
+    """Whether a model folder belongs to a build of these tiny random models."""
+    marker = Path(os.path.expanduser(str(path))).parent / "COMPLETE"
+    try:
+        return marker.read_text().startswith("zoom tiny models")
+    except OSError:
+        return False
+
+
 def build_tiny_models(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Build (once) and return the folders of the tiny models: sd, taesd, guide, judge, target."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import ZoomError
+from ..errors import ZoomError, printable
 from ..rundir import atomic_write, load_run
 from ..prompts import NULL_NAME
 from ..stats import bh_qvalues, censored_quantiles, mcnemar_greater_p, wilson_interval
@@ -286,9 +286,19 @@ def build_report(run_dir) -> dict:
     return aggregate(*load_run(run_dir))
 
 
-def write_report(run_dir, *, html: bool = True) -> dict:
-    """Rebuild report.json, report.csv and report.html from the run directory alone (atomically)."""
+def write_report(run_dir, *, html: bool = True, lock: bool = False) -> dict:
+    """Rebuild report.json, report.csv and report.html from the run directory alone (atomically).
+    lock: take the run's lock first (`zoom report` on a run an audit may be writing)."""
     run_dir = Path(run_dir)
+    if lock:
+        from ..rundir import RunLock, read_config
+
+        read_config(run_dir)  # a missing or damaged run says so before a lock file is created in it
+        held = RunLock(run_dir)
+        try:
+            return write_report(run_dir, html=html)
+        finally:
+            held.release()
     records, resolved, run, meta = load_run(run_dir)
     report = aggregate(records, resolved, run, meta)
     atomic_write(run_dir / "report.json", json.dumps(report, indent=1, allow_nan=False))
@@ -300,6 +310,16 @@ def write_report(run_dir, *, html: bool = True) -> dict:
     return report
 
 
+def _csv_cell(value):
+    """A cell a spreadsheet shows as text: user strings that start like a formula (=, +, -, @, tab, CR)
+    get a leading apostrophe, so `=HYPERLINK(...)` in an attribute name never runs."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def to_csv(report: dict) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -308,7 +328,7 @@ def to_csv(report: dict) -> str:
         pairs = row.get("pairs") or {}
         flat = {**row, "pairs_n": pairs.get("n"), "attribute_only": pairs.get("attribute_only"),
                 "null_only": pairs.get("null_only")}
-        writer.writerow({k: ("" if flat.get(k) is None else flat.get(k)) for k in CSV_COLUMNS})
+        writer.writerow({k: _csv_cell(flat.get(k)) for k in CSV_COLUMNS})
     return buffer.getvalue()
 
 
@@ -344,7 +364,7 @@ def summary_table(report: dict) -> str:
         validity = _fmt(a.get("validity_rate"))
         if a.get("validity_null_rate") is not None:
             validity += f" ({_fmt(a['validity_null_rate'])})"
-        rows.append((a["name"][:28], f"{a['flips']}/{a['n']}", ci, "" if is_null else _fmt(a.get("null_flip_rate")),
+        rows.append((printable(a["name"])[:28], f"{a['flips']}/{a['n']}", ci, "" if is_null else _fmt(a.get("null_flip_rate")),
                      "" if is_null else format_p(a.get("p_value")), "" if is_null else format_p(a.get("q_value")),
                      sig, format_strength(a, limit), "" if is_null else validity))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -361,7 +381,7 @@ def failure_line(report: dict) -> str:
     actual = [a["name"] for a in report["attributes"] if a.get("significant")]
 
     def names(xs):
-        return ", ".join(xs) if xs else "none"
+        return ", ".join(map(printable, xs)) if xs else "none"
 
     return (f"{f['failed']} item(s) failed and are left out of the pairs; significant now: {names(actual)}; "
             f"if every failed item had flipped: {names(f['significant_if_failed_flipped'])}; "

@@ -68,6 +68,16 @@ def _bytes(x) -> str:
         x /= 1024
 
 
+def short_spec(spec) -> str:
+    """A target spec for a title: `hf:…/shape-red-circles-p95` rather than the full cache path."""
+    if not isinstance(spec, str) or not spec:
+        return "the target"
+    kind, _, rest = spec.partition(":")
+    if "/" in rest and (rest.startswith(("/", "~", ".")) or kind in ("torchscript", "python")):
+        return f"{kind}:…/{rest.rstrip('/').rsplit('/', 1)[-1]}"
+    return spec
+
+
 def image_src(run_dir: Path, path) -> str | None:
     """A record's PNG path, if it is a plain relative path inside the run directory that exists."""
     if not isinstance(path, str) or not _SAFE_PATH.match(path) or ".." in path.split("/"):
@@ -216,9 +226,10 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
         "domain": prompts.get("domain"),
         "search": config.get("search") or {},
         "target": (config.get("target") or {}).get("spec"),
+        "target_name": short_spec((config.get("target") or {}).get("spec")),
         "task": (config.get("target") or {}).get("task"),
         "resolution": (config.get("generator") or {}).get("resolution") or 512,
-        "is_demo": command.split(" ")[:2] == ["zoom", "demo"],
+        "random_models": bool(run.get("random_models")),
         "verdict": _verdict(report),
         "figures": _figures(report, records),
         "gallery": _gallery(report, records, run_dir, cap),

@@ -12,6 +12,8 @@ import io
 import math
 import warnings
 
+from ..errors import printable
+
 SIGNIFICANT = "#c2410c"   # orange-red: flip rate significantly above the null
 PLAIN = "#475569"         # slate: not significant
 NULL = "#2563eb"          # blue: the null control
@@ -32,8 +34,9 @@ _RC = {
 
 
 def label(text, width: int = 34) -> str:
-    """A plot-safe label: at most `width` characters, `$` escaped (no mathtext), no newlines."""
-    text = " ".join(str(text).split())
+    """A plot-safe label: at most `width` characters, `$` escaped (no mathtext), no newlines, and control
+    characters (NUL, ESC, ...: illegal in the SVG's XML) shown as escapes."""
+    text = printable(" ".join(str(text).split()))
     if len(text) > width:
         text = text[: width - 1] + "…"
     return text.replace("\\", "\\\\").replace("$", r"\$")
