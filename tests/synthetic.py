@@ -125,7 +125,7 @@ def _png(path: Path, seed: int, shade: int) -> None:
 
 def write_run(folder, flips: dict, *, mode: str = "single", seed: int = 0, generator=None, prompts=None,
               target="torchscript:/models/m.pt", command="zoom audit --config c.yaml", images=True,
-              curves: bool | None = None, rng=None, statuses=None) -> Path:
+              curves: bool | None = None, rng=None, statuses=None, random_models: bool = False) -> Path:
     """A complete run directory (without report files) for these flip outcomes."""
     folder = Path(folder)
     names = [n for n in flips if n != NULL_NAME]
@@ -138,7 +138,7 @@ def write_run(folder, flips: dict, *, mode: str = "single", seed: int = 0, gener
     (folder / "records").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run = {"start_time": "2026-01-01T00:00:00+00:00", "command": command, "device": "cpu", "precision": "fp32",
-           "num_processes": 1, "versions": {"python": "3.11", "zoom": "0.1.0"},
+           "num_processes": 1, "random_models": random_models, "versions": {"python": "3.11", "zoom": "0.1.0"},
            "models": {"generator": {"id": config["generator"]["model"], "revision": None,
                                     "scheduler": "EulerDiscreteScheduler",
                                     "files": {"path": "/models/sd", "sha256": "ab" * 32, "files": 10}},

@@ -25,7 +25,7 @@ def _records(run_dir):
     return lines
 
 
-def _check_report(run_dir, attributes: int, samples: int):
+def _check_report(run_dir, attributes: int, samples: int, joint: bool = False):
     report = json.loads((Path(run_dir) / "report.json").read_text())
     assert report["schema_version"] == 1
     assert {"run", "cost", "null", "attributes"} <= set(report)
@@ -41,7 +41,8 @@ def _check_report(run_dir, attributes: int, samples: int):
         assert a["n"] == samples
         assert a["ci_low"] <= a["flip_rate"] <= a["ci_high"]
     records = _records(run_dir)
-    assert len(records) == (attributes + 1) * samples
+    # single and sweep: each attribute and its null twin; joint: the attributes and one null slot
+    assert len(records) == ((attributes + 1) if joint else 2 * attributes) * samples
     assert len({r["key"] for r in records}) == len(records)
     for r in records:
         assert RECORD_FIELDS <= set(r)
@@ -77,7 +78,7 @@ def test_every_mode_and_edit_space_runs(tmp_path, demo_config, mode, edit_space)
                                  batch_size=4, max_steps=3, sweep_points=5)
     config = dataclasses.replace(demo_config, search=search)
     report = run_audit(config, tmp_path / "run", progress=False)
-    report, records = _check_report(tmp_path / "run", attributes=4, samples=4)
+    report, records = _check_report(tmp_path / "run", attributes=4, samples=4, joint=mode == "joint")
     for r in records:
         if edit_space == "latent":
             assert r["alpha"] == 0 and 0 < r["delta_rel"] <= search.delta_max + 1e-4
@@ -136,7 +137,7 @@ def test_resume_finishes_with_exactly_the_uninterrupted_records(tmp_path, tiny):
     def comparable(run):
         return {r["key"]: {k: v for k, v in r.items() if k != "seconds"} for r in _records(run)}
 
-    assert len(_records(cut)) == len(_records(full)) == 5 * 16  # none lost, none duplicated
+    assert len(_records(cut)) == len(_records(full)) == 8 * 16  # none lost, none duplicated
     assert comparable(cut) == comparable(full)
     a, b = (json.loads((run / "report.json").read_text()) for run in (full, cut))
     assert a["attributes"] == b["attributes"] and a["null"] == b["null"]

@@ -281,3 +281,19 @@ def test_unfinished_run_is_named_as_such_by_check(tmp_path):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(line for line in lines if '"attribute": "null"' not in line))  # the nulls never ran
     assert_one_line_exit_2(invoke("check", run, "--max-flip-rate", "0.2"), "unfinished", "8 of 16", "--resume")
+
+
+def test_a_slow_audit_never_writes_into_a_run_that_appeared_meanwhile(tmp_path):
+    """The race the review found: audit A checks --out, loads a slow target; audit B creates the same --out
+    and finishes; A must then refuse, not write into B's run."""
+    from zoom.errors import ZoomError
+    from zoom.rundir import check_out_dir, open_run_dir
+
+    out = tmp_path / "R"
+    resolved = {"prompts": {"domain": "d", "attributes": [{"name": "a", "prompt": "a d"}]}, "search": {}}
+    check_out_dir(out, resolved, resume=False)  # A: fine, R does not exist yet
+    b = write_run(out, {"hat": pattern(2, 8), "null": pattern(1, 8)}, images=False)  # B runs to the end
+    before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    with pytest.raises(ZoomError, match="created by another process meanwhile"):
+        open_run_dir(out, resolved, resume=False, run_info={})  # A, once its models are loaded
+    assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before

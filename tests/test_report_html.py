@@ -120,13 +120,13 @@ def test_report_html_is_self_contained_escaped_and_complete(hostile_run):
     assert sections[-1].count('class="pair') == 12
 
 
-def test_report_marks_the_demo_and_incomplete_runs(tmp_path):
-    run = write_run(tmp_path / "demo", {"hat": pattern(2, 8), "null": pattern(1, 8)}, command="zoom demo --out x")
+def test_report_marks_random_model_and_incomplete_runs(tmp_path):
+    run = write_run(tmp_path / "demo", {"hat": pattern(2, 8), "null": pattern(1, 8)}, random_models=True)
     path = run / "records" / "rank-0.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-2]))
     report = write_report(run)
     text = (run / "report.html").read_text()
-    assert "Demo run." in text and "meaningless" in text
+    assert "Random models." in text and "meaningless" in text
     assert "Incomplete run." in text and "14 of 16" in text
     assert report["completeness"] == {"finished": 14, "expected": 16, "complete": False}
 
@@ -175,7 +175,7 @@ def test_zoom_report_bad_input(tmp_path):
     alien = write_run(tmp_path / "alien", flips, images=False)
     with open(alien / "records" / "rank-0.jsonl", "a") as f:
         f.write('{"key": "x", "attribute": "hat"}\n')
-    _one_line(invoke("report", alien), "record 'x' lacks", "flipped")
+    _one_line(invoke("report", alien), "line 17", "field 'seed' is missing")
     # not a run directory; a directory that does not exist
     (tmp_path / "plain").mkdir()
     _one_line(invoke("report", tmp_path / "plain"), "not a zoom run directory")
@@ -262,7 +262,7 @@ def test_report_in_a_real_browser_offline(hostile_run, planted_run, tmp_path):
     run, _ = planted_run
     facts = _browse(run / "report.html", tmp_path / "report-screenshot.png")
     _assert_clean(facts)
-    assert f"{PLANTED}:" in facts["text"] and "significantly more often than the null control" in facts["text"]
+    assert f"{PLANTED}:" in facts["text"] and "significantly more often than its null control" in facts["text"]
     assert (tmp_path / "report-screenshot.png").stat().st_size > 50_000
     print(f"\nscreenshots: {tmp_path / 'report-screenshot.png'} {tmp_path / 'report-xss-screenshot.png'}")
 

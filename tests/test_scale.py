@@ -67,7 +67,7 @@ def test_two_cpu_processes_give_the_single_process_records(tmp_path, reference_r
     assert done.returncode == 0, done.stderr[-3000:]
     per_rank = [len((out / "records" / f"rank-{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
     print(f"items per rank: {per_rank}")
-    assert per_rank == [40, 40]  # two blocks of 8 seeds x 5 edits, one block each
+    assert per_rank == [64, 64]  # two blocks of 8 seeds x 8 arms (4 attributes, 4 null twins), one block each
     assert _records(out) == _records(reference_run)
     assert _statistics(out) == _statistics(reference_run)
     assert json.loads((out / "report.json").read_text())["run"]["num_processes"] == 2
@@ -90,8 +90,9 @@ def test_lonely_ranks_are_refused(tmp_path, tiny):
 
 # A real audit process that SIGKILLs itself at a chosen moment, by wrapping one of zoom's own functions.
 KILLER = textwrap.dedent("""
-    import os, signal, sys, time
+    import importlib, json, os, signal, sys, time
     import zoom.runner as runner
+    aggregate = importlib.import_module("zoom.report.aggregate")  # (zoom.report.aggregate is also a function)
     moment, count = sys.argv[1], [0]
 
     def die():
@@ -110,7 +111,7 @@ KILLER = textwrap.dedent("""
         def wrapped(self, records):
             count[0] += 1
             if count[0] == 2:
-                line = runner.json.dumps(records[0], sort_keys=True)
+                line = json.dumps(records[0], sort_keys=True)
                 self._file.write(line + "\\n" + line[: len(line) // 2])
                 self._file.flush()
                 die()
@@ -124,14 +125,14 @@ KILLER = textwrap.dedent("""
             time.sleep(120)
         runner.save_png = wrapped
     elif moment == "report":  # while report.json is being written
-        atomic_write = runner.atomic_write
+        atomic_write = aggregate.atomic_write
         def wrapped(path, data):
             if path.name == "report.json":
                 tmp = path.with_name(".report.json.partial")
                 tmp.write_text(data[: len(data) // 2])
                 die()
             atomic_write(path, data)
-        runner.atomic_write = wrapped
+        aggregate.atomic_write = wrapped
     from zoom.cli import main
     main(sys.argv[2:], prog_name="zoom")
 """)
@@ -174,7 +175,7 @@ def test_a_second_writer_on_the_same_run_directory_is_refused(tmp_path, tiny):
     # The lock died with its holder: the run can now be resumed to completion.
     resumed = _zoom("audit", "--config", DEMO, "--samples", "8", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert len(_records(out)) == 8 * 5
+    assert len(_records(out)) == 8 * 8  # 4 attributes and their null twins
 
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_records(tmp_path, demo_config, demo_models,
@@ -299,7 +300,7 @@ def test_loop_decoder_searches_with_taesd_and_judges_with_the_full_vae(tmp_path,
     assert type(models.generator.loop_decoder).__name__ == "AutoencoderTiny"
     report = run_audit(config, tmp_path / "run", models=models, progress=False)
     records = list(_records(tmp_path / "run").values())
-    assert len(records) == 40 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 64 and all(r["status"] == "ok" for r in records)
     # Saved counterfactuals come from the full VAE, and their recorded verdict is the target's on them.
     from PIL import Image
     import numpy as np

@@ -3,6 +3,7 @@
     python tools/train_world.py                       # every stage, resuming where it stopped
     python tools/train_world.py --stages diffusion    # one stage (data, vae, diffusion, clip,
                                                       # oracles, targets, evaluate, manifest)
+    python tools/train_world.py --stages snapshot     # export the diffusion model as it is now
 
 What it makes (the recipe is tools/world.yaml; every random draw comes from its seed):
 - sd/        a Stable-Diffusion-style pipeline (AutoencoderKL, CLIPTextModel + CLIPTokenizer with a
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoom import world  # noqa: E402
 from zoom.world import ATTRIBUTES, Scene, caption, held_out, render  # noqa: E402
 
-STAGES = ("data", "vae", "diffusion", "clip", "oracles", "targets", "evaluate", "manifest")
+STAGES = ("data", "vae", "diffusion", "clip", "oracles", "targets", "evaluate", "manifest", "snapshot")
 NAMES = list(ATTRIBUTES)
 
 
@@ -279,7 +280,7 @@ def make_unet(cfg):
 
 
 def stage_diffusion(cfg, work: Path, out: Path):
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
     d = cfg["diffusion"]
@@ -343,7 +344,20 @@ def stage_diffusion(cfg, work: Path, out: Path):
             rate = (time.time() - start) / max(len(losses), 1)
             log(f"diffusion: step {step}/{d['steps']} loss {np.mean(losses):.4f} ({rate:.2f} s/step)")
             losses, start = [], time.time()
-    modules.load_state_dict(ema)
+    export_pipeline(cfg, work, out)
+
+
+def export_pipeline(cfg, work: Path, out: Path):
+    """The EMA weights of the latest diffusion checkpoint as a StableDiffusionPipeline folder, out/sd
+    (stage `snapshot` does this mid-training, to look at a model before it is finished)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    text_encoder, unet = make_text_encoder(cfg, tokenizer), make_unet(cfg)
+    modules = torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
+    ckpt = load_checkpoint(work / "diffusion.pt")
+    modules.load_state_dict(ckpt["ema"])
     modules.eval()
     scheduler = DDIMScheduler(**cfg["scheduler"], clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=load_vae(work), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -353,7 +367,7 @@ def stage_diffusion(cfg, work: Path, out: Path):
     pipe.save_pretrained(out / "sd", safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # transformers 5 writes tokenizer.json only; 4.x reads these
         shutil.copy(work / "tokenizer" / name, out / "sd" / "tokenizer" / name)
-    log("diffusion: pipeline saved")
+    log(f"diffusion: pipeline saved from the EMA weights at step {int(ckpt['step'])}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,7 +691,7 @@ def main(argv=None):
     parser.add_argument("--recipe", default=str(Path(__file__).with_name("world.yaml")))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "zoom" / "data" / "world"))
     parser.add_argument("--work", default=".world-work")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=[s for s in STAGES if s != "snapshot"])
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
@@ -709,6 +723,9 @@ def main(argv=None):
             stage_targets(cfg, work, out)
         elif stage == "evaluate":
             stage_evaluate(cfg, work, out)
+        elif stage == "snapshot":
+            export_pipeline(cfg, work, out)
+            continue
         elif stage == "manifest":
             stage_manifest(cfg, out, "python tools/train_world.py", seconds)
             continue
