@@ -99,3 +99,33 @@ def blind_run(tmp_path_factory, calibration, planted_config_path):
     from planted import audit_readout, blind_readout
 
     return audit_readout(tmp_path_factory.mktemp("blind"), planted_config_path, blind_readout(calibration), "blind")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`zoom demo` as a user runs it (a subprocess, offline): (run_dir, stdout, wall seconds, report).
+    Shared by the demo's end-to-end test and the world's validation; do not modify it."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # zoom's own thread default, as a user gets it
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "zoom", "demo", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"\nzoom demo ({seconds:.0f} s):\n{done.stdout}")
+    return out, done.stdout, seconds, json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current directory, so a stray default output folder (runs/...) would be seen."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd

@@ -25,15 +25,6 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """An empty current directory, so a stray default output folder (runs/...) would be seen."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
-
-
 def assert_bad_input(result, *, must_mention=()):
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit)

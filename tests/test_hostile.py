@@ -98,14 +98,6 @@ PROMPT_CASES = [
 ]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
-
-
 def _audit(tmp_path, config: dict, *extra):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -309,7 +309,10 @@ def stage_diffusion(cfg, work: Path, out: Path):
         set_rng_state(rng, ckpt["rng"])
         gen.set_state(ckpt["gen"])
         log(f"diffusion: resumed at step {step}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / d["warmup"]), last_epoch=step - 1)
+    def lr_factor(s):  # warm-up, then a cosine to a tenth of the rate
+        return min(1.0, (s + 1) / d["warmup"]) * (0.55 + 0.45 * math.cos(math.pi * min(s / d["steps"], 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor, last_epoch=step - 1)
     start, losses = time.time(), []
     modules.train()
     while step < d["steps"]:
@@ -392,9 +395,10 @@ def clip_config(cfg, which: str) -> dict:
 
 
 def stage_clip(cfg, work: Path, out: Path, which: str):
+    """Contrastive training in phases (tools/world.yaml: clip.phases), each from the last one's weights
+    with its own learning rate and caption dropout; every phase is checkpointed in --work."""
     import open_clip
-    from open_clip.loss import ClipLoss
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     c = cfg["clip"]
     folder = out / which
@@ -408,24 +412,44 @@ def stage_clip(cfg, work: Path, out: Path, which: str):
     shutil.copytree(work / "tokenizer", tmp, dirs_exist_ok=True)
     (tmp / "open_clip_config.json").write_text(json.dumps(config))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+    for k, phase in enumerate(c["phases"]):
+        checkpoint = work / f"{which}-phase{k}.safetensors"
+        if checkpoint.exists():
+            model.load_state_dict(load_file(checkpoint))
+            continue
+        _train_clip_phase(cfg, work, model, tokenizer, config, phase, seed + 1000 * k, f"clip {which} phase {k}")
+        save_file({n: v.contiguous() for n, v in model.state_dict().items()}, checkpoint)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        shutil.copy(f, folder / f.name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    shutil.rmtree(tmp)
+    log(f"clip {which}: saved")
+
+
+def _train_clip_phase(cfg, work: Path, model, tokenizer, config, phase: dict, seed: int, name: str):
+    from open_clip.loss import ClipLoss
+
+    c = cfg["clip"]
     mean, std = torch.tensor(config["preprocess_cfg"]["mean"]).view(1, 3, 1, 1), \
         torch.tensor(config["preprocess_cfg"]["std"]).view(1, 3, 1, 1)
     images, attrs = load_split(work, "train")
     recons = np.load(work / "recon.npz")["train"]
     keep = ~is_held_out(attrs)
     images, recons, attrs = images[keep], recons[keep], attrs[keep]
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.1)
+    steps = phase["steps"]
+    opt = torch.optim.AdamW(model.parameters(), lr=phase["lr"], weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / c["steps"], 1))))
+        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
     loss_fn = ClipLoss()
     rng = np.random.default_rng(seed)
     start = time.time()
-    for step in range(1, c["steps"] + 1):
+    for step in range(1, steps + 1):
         idx = rng.integers(len(images), size=c["batch_size"])
         use_recon = rng.random(len(idx)) < 0.5  # generated images look like VAE reconstructions
         batch = np.where(use_recon[:, None, None, None], recons[idx], images[idx])
         x = (to_tensor(batch) - mean) / std
-        texts = tokenizer([caption(scene_attributes(attrs[i]), rng, c["drop"], 0.0, c["prefix"]) for i in idx])
+        texts = tokenizer([caption(scene_attributes(attrs[i]), rng, phase["drop"], 0.0, c["prefix"]) for i in idx])
         img, txt, scale = model(x, texts)
         loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
@@ -435,13 +459,7 @@ def stage_clip(cfg, work: Path, out: Path, which: str):
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 250 == 0:
-            log(f"clip {which}: step {step}/{c['steps']} loss {loss.item():.3f} ({time.time() - start:.0f} s)")
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in tmp.iterdir():
-        shutil.copy(f, folder / f.name)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    shutil.rmtree(tmp)
-    log(f"clip {which}: saved")
+            log(f"{name}: step {step}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f} s)")
 
 
 ZERO_SHOT = {  # the partial captions a CLIP is asked to choose between, per attribute

@@ -39,7 +39,11 @@ BACKGROUND_COLOURS = {
     "white": (240, 240, 240), "black": (25, 25, 25), "gray": (125, 125, 125),
     "blue": (165, 200, 245), "orange": (245, 185, 120),
 }
-RADIUS = {"small": (5.0, 6.5), "large": (10.0, 12.0)}  # circumradius in pixels at 32 px
+RADIUS = {"small": (5.5, 7.0), "large": (10.0, 12.0)}  # circumradius in pixels at 32 px
+# Squares stand on a side and triangles on their base, turned by at most ANGLE_JITTER degrees: at
+# 32 px a freely rotated small square is hard to tell from a circle, for people and models alike.
+UPRIGHT = {"circle": 0.0, "square": 45.0, "triangle": -90.0}
+ANGLE_JITTER = 10.0
 STRIPE_PERIOD = 4  # pixels at 32 px: 2 coloured, 2 pale
 KEYPOINT_NAMES = ("centre", "top", "right", "bottom", "left")
 GENERIC_SHAPE = "shape"  # the noun of a caption that does not name the shape
@@ -69,7 +73,7 @@ class Scene:
     cx: float  # centre, pixels at RESOLUTION
     cy: float
     radius: float
-    angle: float  # degrees, for squares and triangles
+    angle: float  # degrees: where the outline's first vertex points (squares and triangles)
     tint: tuple = (0, 0, 0)  # per-channel jitter of the shape colour
     shade: int = 0  # jitter of the background's brightness
 
@@ -91,7 +95,7 @@ class Scene:
             radius=radius,
             cx=float(rng.uniform(margin, RESOLUTION - margin)),
             cy=float(rng.uniform(margin, RESOLUTION - margin)),
-            angle=float(rng.uniform(0, 360)),
+            angle=UPRIGHT[values["shape"]] + float(rng.uniform(-ANGLE_JITTER, ANGLE_JITTER)),
             tint=tuple(int(v) for v in rng.integers(-12, 13, size=3)),
             shade=int(rng.integers(-10, 11)),
         )
@@ -104,8 +108,11 @@ class Scene:
 
     def replace(self, **changes) -> "Scene":
         """The same scene with some attributes changed (a counterfactual with exact ground truth).
-        A size change redraws the radius in the new size's range, keeping the centre inside."""
+        A size change maps the radius into the new size's range, keeping the centre inside; a shape
+        change keeps the tilt."""
         scene = dataclasses.replace(self, **changes)
+        if "shape" in changes and changes["shape"] != self.shape and "angle" not in changes:
+            scene = dataclasses.replace(scene, angle=self.angle - UPRIGHT[self.shape] + UPRIGHT[scene.shape])
         if "size" in changes and changes["size"] != self.size:
             lo, hi = RADIUS[scene.size]
             frac = (self.radius - RADIUS[self.size][0]) / (RADIUS[self.size][1] - RADIUS[self.size][0])

@@ -356,7 +356,9 @@ def format_strength(row: dict, limit) -> str:
 
 def summary_table(report: dict) -> str:
     limit = report.get("strength_limit")
-    rows = [("attribute", "flips/n", "flip rate [95% CI]", "null", "p", "q", "sig", "strength", "validity")]
+    oracle = any("oracle_rate" in a for a in report["attributes"])
+    rows = [("attribute", "flips/n", "flip rate [95% CI]", "null", "p", "q", "sig", "strength", "validity")
+            + (("oracle",) if oracle else ())]
     for a in report["attributes"] + [report["null"]]:
         is_null = a is report["null"]
         ci = f"{_fmt(a['flip_rate'])} [{_fmt(a['ci_low'])}, {_fmt(a['ci_high'])}]"
@@ -364,9 +366,12 @@ def summary_table(report: dict) -> str:
         validity = _fmt(a.get("validity_rate"))
         if a.get("validity_null_rate") is not None:
             validity += f" ({_fmt(a['validity_null_rate'])})"
-        rows.append((printable(a["name"])[:28], f"{a['flips']}/{a['n']}", ci, "" if is_null else _fmt(a.get("null_flip_rate")),
-                     "" if is_null else format_p(a.get("p_value")), "" if is_null else format_p(a.get("q_value")),
-                     sig, format_strength(a, limit), "" if is_null else validity))
+        row = (printable(a["name"])[:28], f"{a['flips']}/{a['n']}", ci, "" if is_null else _fmt(a.get("null_flip_rate")),
+               "" if is_null else format_p(a.get("p_value")), "" if is_null else format_p(a.get("q_value")),
+               sig, format_strength(a, limit), "" if is_null else validity)
+        if oracle:
+            row += ("" if "oracle_rate" not in a else f"{_fmt(a['oracle_rate'])} ({_fmt(a.get('oracle_null_rate'))})",)
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

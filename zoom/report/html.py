@@ -237,6 +237,7 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
         "models": _models(run),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100),
         "joint": any("mean_share" in a for a in report["attributes"]),
+        "oracle": any("oracle_rate" in a for a in report["attributes"]),
         "cap": cap,
         "version": (run.get("versions") or {}).get("zoom", ""),
         "timing": _timing(run),
