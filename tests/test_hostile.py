@@ -265,6 +265,15 @@ def test_hostile_gate_and_compare_arguments(tmp_path):
     assert_one_line_exit_2(invoke("compare", run, run.parent / "nowhere"), "does not exist")
     assert_one_line_exit_2(invoke("compare", run, tmp_path / "x", "--html", tmp_path / "no" / "cmp.html"),
                            "folder does not exist")
+    other = write_run(tmp_path / "other", {"hat": pattern(4, 8), "null": pattern(2, 8)}, images=False)
+    assert_one_line_exit_2(invoke("compare", run, other, "--html", "/proc/zoom-cmp.html"), "/proc/zoom-cmp.html")
+
+
+def test_idle_processes_are_announced():
+    from zoom.runner import idle_processes_warning
+
+    assert idle_processes_warning(blocks=1, batch_size=8, processes=2).count("1 process(es) get no work") == 1
+    assert idle_processes_warning(blocks=2, batch_size=8, processes=2) is None
 
 
 def test_unfinished_run_is_named_as_such_by_check(tmp_path):

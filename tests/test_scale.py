@@ -49,7 +49,7 @@ def _zoom(*args, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny):
-    """An uninterrupted single-process run of 16 seeds (2 blocks of 8) x 5 edits."""
+    """An uninterrupted single-process run of 16 seeds (2 blocks of 8) x 8 arms (4 attributes, 4 null twins)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     done = _zoom("audit", "--config", DEMO, "--samples", "16", "--out", str(out))
     assert done.returncode == 0, done.stderr
@@ -71,6 +71,18 @@ def test_two_cpu_processes_give_the_single_process_records(tmp_path, reference_r
     assert _records(out) == _records(reference_run)
     assert _statistics(out) == _statistics(reference_run)
     assert json.loads((out / "report.json").read_text())["run"]["num_processes"] == 2
+
+
+def test_a_failure_under_two_processes_is_one_line_from_the_main_process(tmp_path, tiny):
+    """A target every process fails to load: one `zoom: error:` line and exit 2, not a traceback per
+    process, and no run directory."""
+    out = tmp_path / "run"
+    done = _zoom("audit", "--config", DEMO, "--samples", "16", "--num-processes", "2", "--out", str(out),
+                 "--target", f"torchscript:{tmp_path / 'missing.pt'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoom: error: ") and "missing.pt" in lines[0], done.stderr
+    assert not out.exists()
 
 
 def test_lonely_ranks_are_refused(tmp_path, tiny):

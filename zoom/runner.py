@@ -62,9 +62,9 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     seeds = list(range(s.seed, s.seed + s.samples))
     blocks = [seeds[i:i + s.batch_size] for i in range(0, len(seeds), s.batch_size)]
     mine = [b for i, b in enumerate(blocks) if i % world == rank]
-    if world > 1 and not mine and state.is_main_process:
-        print(f"zoom: warning: {len(blocks)} block(s) of {s.batch_size} seeds for {world} processes: "
-              f"{world - len(blocks)} process(es) get no work; lower search.batch_size to use them", file=sys.stderr)
+    idle = idle_processes_warning(len(blocks), s.batch_size, world)
+    if idle and state.is_main_process:
+        print(idle, file=sys.stderr)
 
     # 1. The run directory: the main process creates it (or, resuming, re-checks it) under its lock.
     lock = None
@@ -103,6 +103,14 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     finally:
         if lock is not None:
             lock.release()
+
+
+def idle_processes_warning(blocks: int, batch_size: int, processes: int) -> str | None:
+    """Work is dealt in blocks of batch_size seeds: with fewer blocks than processes, some get nothing."""
+    if blocks >= processes:
+        return None
+    return (f"zoom: warning: {blocks} block(s) of {batch_size} seeds for {processes} processes: "
+            f"{processes - blocks} process(es) get no work; lower search.batch_size (or raise --samples) to use them")
 
 
 def _shared(state, value):
