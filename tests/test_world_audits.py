@@ -23,15 +23,20 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 from validate_world import BIAS_LEVELS, SANITY, audit, row, target_spec  # noqa: E402
 
 SAMPLES = 16
+RED_ONLY = {**SANITY, "attributes": [{"name": "red", "prompt": "a red square"}]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_run):
+    """The four attributes on the balanced and the two most biased targets (`zoom demo` is the p = 0.95
+    one); red alone, with its null twin, on the other levels (the dose-response needs no more)."""
     out = tmp_path_factory.mktemp("world-audits")
-    reports = {0.95: demo_run[3]}  # `zoom demo` audits the p = 0.95 target on the shapes prompt set
+    reports = {0.95: demo_run[3]}
     for p in (0.2, *BIAS_LEVELS):
         if p not in reports:
-            reports[p] = audit(out, f"shapes-p{round(p * 100):02d}", SAMPLES, target_spec=target_spec(p))
+            prompts = None if p in (0.2, 0.99) else RED_ONLY
+            reports[p] = audit(out, f"shapes-p{round(p * 100):02d}", SAMPLES, target_spec=target_spec(p),
+                               **({"prompts": prompts} if prompts else {}))
     for p, r in sorted(reports.items()):
         print(f"\np = {p}: " + ", ".join(f"{a['name']} {a['flips']}/{a['n']} q={a['q_value']:.2g}"
                                          for a in r["attributes"]) + f"; null {r['null']['flip_rate']:.2f}")

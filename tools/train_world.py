@@ -649,7 +649,46 @@ def stage_evaluate(cfg, work: Path, out: Path):
             torch.save(generated[:32].clone(), work / "samples.pt")
     quality["interpolation"] = interpolation_quality(cfg, pipe, out, cfg["evaluate"]["seeds"])
     (out / "quality.json").write_text(json.dumps(quality, indent=1))
+    pictures(cfg, pipe, Path(__file__).resolve().parents[1] / "docs")
     log("quality: " + json.dumps(quality))
+
+
+def pictures(cfg, pipe, folder: Path, scale: int = 3):
+    """docs/world-samples.png (rendered vs generated, same captions) and docs/world-interpolation.png
+    (the text conditioning moved from "a square" toward each attribute prompt, alpha 0 to 1.5)."""
+    from PIL import Image
+
+    s = cfg["sampling"]
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(cfg["seed"] + 95)
+    scenes = [Scene.sample(rng) for _ in range(10)]
+    rendered = np.concatenate([render(sc).image for sc in scenes], 1)
+    with torch.no_grad():
+        generated = pipe([caption(sc) for sc in scenes], num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
+                         generator=[torch.Generator().manual_seed(3000 + i) for i in range(10)], output_type="np").images
+    grid = np.concatenate([rendered, (np.concatenate(list(generated), 1) * 255).round().astype(np.uint8)], 0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
+        folder / "world-samples.png", optimize=True)
+
+    def embed(prompt):
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    rows = []
+    with torch.no_grad():
+        uncond, domain = embed(""), embed("a square")
+        for prompt in ("a red square", "a square on a blue background", "a striped square", "a large square",
+                       "a circle"):
+            direction = embed(prompt) - domain
+            conds = torch.cat([domain + a * direction for a in np.linspace(0, 1.5, 7)])
+            images = pipe(prompt_embeds=conds, negative_prompt_embeds=uncond.expand(7, -1, -1),
+                          num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
+                          generator=[torch.Generator().manual_seed(7) for _ in range(7)], output_type="np").images
+            rows.append(np.concatenate(list(images), 1))
+    strip = (np.concatenate(rows, 0) * 255).round().astype(np.uint8)
+    Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST).save(
+        folder / "world-interpolation.png", optimize=True)
 
 
 def interpolation_quality(cfg, pipe, out: Path, seeds: int, alphas=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5)) -> dict:
