@@ -12,6 +12,8 @@ Prints one JSON line:
   as shares of their sum;
 - overhead_ratio: the engine's step time (Searcher.optimise, nothing stopping early) over the bare
   forward+backward of the same modules chained by hand, measured in the same run;
+- cpu_step_s_by_threads (CPU only): the engine's step time with 1 torch thread and with one per core,
+  measured in the same run (zoom picks 1 thread for small models, see models.configure_threads);
 - peak_memory_bytes (CUDA peak allocated, or the process's peak RSS on CPU), device, precision.
 Speed never depends on weights, so full-size models are random.
 """
@@ -286,6 +288,13 @@ def main():
 
     # The difference of two run lengths cancels what every run pays once (set-up, the last forward).
     engine_step = (engine_run(1 + args.timing_steps) - engine_run(1)) / args.timing_steps
+    by_threads = {}
+    if device.type == "cpu":
+        chosen = torch.get_num_threads()
+        for threads in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            by_threads[threads] = round((engine_run(1 + args.timing_steps) - engine_run(1)) / args.timing_steps, 6)
+        torch.set_num_threads(chosen)
     split, chain = bare_step_times(models, timing_seeds, precision, device)
     total = sum(split.values())
 
@@ -311,6 +320,8 @@ def main():
         "bare_step_s": round(chain, 6),
         "engine_step_s": round(engine_step, 6),
         "overhead_ratio": round(engine_step / chain, 4),
+        "cpu_step_s_by_threads": by_threads,
+        "threads": torch.get_num_threads(),
         "peak_memory_bytes": int(peak),
         "torch": torch.__version__,
     }))

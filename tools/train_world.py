@@ -786,6 +786,8 @@ def main(argv=None):
         elif stage == "manifest":
             stage_manifest(cfg, out, "python tools/train_world.py", seconds)
             continue
+        # re-read: stages may run in two processes at once (diffusion beside the CLIPs)
+        seconds = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         seconds[stage] = round(seconds.get(stage, 0) + time.time() - start, 1)
         timing_path.write_text(json.dumps(seconds))
 
