@@ -1,8 +1,9 @@
 """ZOOM's imbalanced-data protocol on the shapes world: audits find the bias trained into a target.
 
 The shape classifiers of zoom/data/world/targets were trained with red circles at P(red | circle) =
-0.5, 0.75, 0.9, 0.95, 0.99, and one on balanced data. Audited on squares (prompt set `shapes`):
-- the trained-in bias ("red") comes out first and significant for the strongly biased targets, with
+0.5, 0.75, 0.9, 0.95, 0.99, and one on balanced data. Audited on small green squares (prompt set
+`shapes`, a flip is the classifier calling the square a circle):
+- the trained-in bias ("red") comes out first and significant for the most biased target, with
   the oracle seeing red in most of red's flipped counterfactuals;
 - the balanced target shows no significant attribute: none of these four causes its label;
 - red's flip rate rises with the bias (Spearman rho over the levels);
@@ -10,8 +11,8 @@ The shape classifiers of zoom/data/world/targets were trained with red circles a
 - semantic, not adversarial: searching the latent noise without the CLIP term flips the target with
   edits in which the oracle sees red far less often.
 
-The audits run once per session (the demo's own audit is the p = 0.95 one); tools/validate_world.py
-prints the README's table from the same audits with more seeds.
+The audits run once per session (the demo's own audit is the p = 0.99 one); tools/validate_world.py
+prints the README's table from the same audits.
 """
 
 import sys
@@ -20,23 +21,21 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from validate_world import BIAS_LEVELS, SANITY, audit, row, target_spec  # noqa: E402
+from validate_world import BIAS_LEVELS, FULL_SET_LEVELS, RED_ONLY_RUN, SANITY_RUN, audit, row, target_spec  # noqa: E402
 
 SAMPLES = 16
-RED_ONLY = {**SANITY, "attributes": [{"name": "red", "prompt": "a red square"}]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_run):
-    """The four attributes on the balanced and the two most biased targets (`zoom demo` is the p = 0.95
+    """The four attributes on the balanced and the most biased target (`zoom demo` is the p = 0.99
     one); red alone, with its null twin, on the other levels (the dose-response needs no more)."""
     out = tmp_path_factory.mktemp("world-audits")
-    reports = {0.95: demo_run[3]}
+    reports = {0.99: demo_run[3]}
     for p in (0.2, *BIAS_LEVELS):
         if p not in reports:
-            prompts = None if p in (0.2, 0.99) else RED_ONLY
-            reports[p] = audit(out, f"shapes-p{round(p * 100):02d}", SAMPLES, target_spec=target_spec(p),
-                               **({"prompts": prompts} if prompts else {}))
+            overrides = {} if p in FULL_SET_LEVELS else RED_ONLY_RUN
+            reports[p] = audit(out, f"shapes-p{round(p * 100):02d}", SAMPLES, target_spec=target_spec(p), **overrides)
     for p, r in sorted(reports.items()):
         print(f"\np = {p}: " + ", ".join(f"{a['name']} {a['flips']}/{a['n']} q={a['q_value']:.2g}"
                                          for a in r["attributes"]) + f"; null {r['null']['flip_rate']:.2f}")
@@ -45,10 +44,9 @@ def runs(tmp_path_factory, demo_run):
 
 def test_the_trained_in_bias_is_found_first_and_significant(runs):
     _, reports = runs
-    for p in (0.95, 0.99):
-        ranked = reports[p]["attributes"]
-        assert ranked[0]["name"] == "red" and ranked[0]["significant"], (p, ranked[0])
-        assert ranked[0]["oracle_rate"] >= 0.8, ranked[0]  # the oracle sees red in red's flips
+    ranked = reports[0.99]["attributes"]
+    assert ranked[0]["name"] == "red" and ranked[0]["significant"], ranked[0]
+    assert ranked[0]["oracle_rate"] >= 0.8, ranked[0]  # the oracle sees red in red's flips
 
 
 def test_the_balanced_target_has_no_significant_non_causal_attribute(runs):
@@ -69,15 +67,15 @@ def test_the_flip_rate_rises_with_the_bias(runs):
 
 def test_the_labels_own_attribute_flips_the_balanced_target(runs):
     out, _ = runs
-    report = audit(out, "sanity-circle", SAMPLES, target_spec=target_spec(0.2), prompts=SANITY)
+    report = audit(out, "sanity-circle", SAMPLES, target_spec=target_spec(0.2), **SANITY_RUN)
     circle = row(report, "circle")
     assert circle["significant"] and circle["flip_rate"] >= 0.8, circle
 
 
 def test_latent_edits_without_clip_are_less_valid(runs):
     out, reports = runs
-    text = row(reports[0.95], "red")
-    latent = row(audit(out, "shapes-p95-latent-no-clip", SAMPLES, target_spec=target_spec(0.95),
+    text = row(reports[0.99], "red")
+    latent = row(audit(out, "shapes-p99-latent-no-clip", SAMPLES, target_spec=target_spec(0.99), **RED_ONLY_RUN,
                        edit_space="latent", search_lambda_clip=0.0), "red")
     print(f"\noracle sees red: text edits {text['oracle_rate']}, latent without CLIP {latent.get('oracle_rate')}")
     assert latent.get("oracle_rate") is None or latent["oracle_rate"] < text["oracle_rate"] - 0.3

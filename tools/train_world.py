@@ -655,7 +655,7 @@ def stage_evaluate(cfg, work: Path, out: Path):
 
 def pictures(cfg, pipe, folder: Path, scale: int = 3):
     """docs/world-samples.png (rendered vs generated, same captions) and docs/world-interpolation.png
-    (the text conditioning moved from "a square" toward each attribute prompt, alpha 0 to 1.5)."""
+    (the text conditioning moved from the demo's domain toward each attribute prompt, alpha 0 to 1.5)."""
     from PIL import Image
 
     s = cfg["sampling"]
@@ -677,9 +677,11 @@ def pictures(cfg, pipe, folder: Path, scale: int = 3):
 
     rows = []
     with torch.no_grad():
-        uncond, domain = embed(""), embed("a square")
-        for prompt in ("a red square", "a square on a blue background", "a striped square", "a large square",
-                       "a circle"):
+        # the demo's prompt set (zoom/data/prompts/shapes.yaml) and the label's own attribute
+        uncond, domain = embed(""), embed("a small plain green square on a white background")
+        for prompt in ("a small plain red square on a white background", "a small plain green square on a blue background",
+                       "a small striped green square on a white background", "a large plain green square on a white background",
+                       "a small plain green circle on a white background"):
             direction = embed(prompt) - domain
             conds = torch.cat([domain + a * direction for a in np.linspace(0, 1.5, 7)])
             images = pipe(prompt_embeds=conds, negative_prompt_embeds=uncond.expand(7, -1, -1),

@@ -7,7 +7,8 @@ Every audit goes through zoom's Python API with the bundled `demo` config (the w
 CLIPs and oracles), changing only the target, the prompt set, the seeds and, for the contrast, the
 edit space:
 - the shapes prompt set (red, blue background, striped, large) on the balanced classifier and on the
-  five classifiers trained with red circles at P(red | circle) = 0.5 ... 0.99;
+  one trained with red circles at P(red | circle) = 0.99 (the demo's target); red alone, with its
+  null twin, on the classifiers trained at 0.5, 0.75, 0.9, 0.95 (the dose-response);
 - the label's own attribute ("a circle", on squares) on the balanced classifier: a sanity audit;
 - the same audit as the strongest bias but searching the latent noise without the CLIP term: what an
   adversarial search finds (its oracle validity should drop).
@@ -23,8 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BIAS_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.99)
-SANITY = {"domain": "a square", "attributes": [{"name": "circle", "prompt": "a circle"}],
-          "null": ["a picture of a square", "a drawing of a square", "an image of a square", "a photo of a square"]}
+DOMAIN = "a small plain green square on a white background"
+NULLS = [f"{prefix} {DOMAIN}" for prefix in ("a picture of", "a drawing of", "an image of", "a photo of")]
+# red alone with its null twin: the middle bias levels need no more (and cost a quarter of the set)
+RED_ONLY = {"domain": DOMAIN, "attributes": [{"name": "red", "prompt": "a small plain red square on a white background"}],
+            "null": NULLS}
+SANITY = {"domain": DOMAIN, "attributes": [{"name": "circle", "prompt": "a small plain green circle on a white background"}],
+          "null": NULLS}
+FULL_SET_LEVELS = (0.2, 0.99)  # the whole shapes prompt set on the balanced and the most biased target
+# the config's oracles name the whole set's attributes: an audit of fewer names only theirs
+RED_ONLY_RUN = {"prompts": RED_ONLY, "oracle": {"red": {"spec": "hf:${ZOOM_WORLD}/oracles/colour", "label": "red"}}}
+SANITY_RUN = {"prompts": SANITY, "oracle": {"circle": {"spec": "hf:${ZOOM_WORLD}/oracles/shape", "label": "circle"}}}
 
 
 def target_spec(p: float) -> str:
@@ -52,7 +62,8 @@ def validate(out: Path, samples: int) -> dict:
 
     results = {"samples": samples, "targets": {}}
     for p in (0.2, *BIAS_LEVELS):
-        report = audit(out, f"shapes-p{round(p * 100):02d}", samples, target_spec=target_spec(p))
+        overrides = {} if p in FULL_SET_LEVELS else RED_ONLY_RUN
+        report = audit(out, f"shapes-p{round(p * 100):02d}", samples, target_spec=target_spec(p), **overrides)
         red = row(report, "red")
         others = [a for a in report["attributes"] if a["name"] != "red"]
         results["targets"][p] = {
@@ -61,15 +72,15 @@ def validate(out: Path, samples: int) -> dict:
                                             "validity_null_rate", "median_strength_to_flip")},
             "ranked_first": report["attributes"][0]["name"],
             "other_significant": [a["name"] for a in others if a["significant"]],
-            "other_max_flip_rate": max(a["flip_rate"] for a in others),
+            "other_max_flip_rate": max((a["flip_rate"] for a in others), default=None),
             "null_flip_rate": report["null"]["flip_rate"],
         }
     levels = [0.2, *BIAS_LEVELS]
     rates = [results["targets"][p]["red"]["flip_rate"] for p in levels]
     results["dose_response_spearman"] = float(stats.spearmanr(levels, rates).statistic)
-    sanity = audit(out, "sanity-circle", samples, target_spec=target_spec(0.2), prompts=SANITY)
+    sanity = audit(out, "sanity-circle", samples, target_spec=target_spec(0.2), **SANITY_RUN)
     results["sanity"] = {k: row(sanity, "circle").get(k) for k in ("flips", "n", "flip_rate", "significant")}
-    latent = audit(out, "shapes-p95-latent-no-clip", samples, target_spec=target_spec(0.95),
+    latent = audit(out, "shapes-p99-latent-no-clip", samples, target_spec=target_spec(0.99), **RED_ONLY_RUN,
                    edit_space="latent", search_lambda_clip=0.0)
     results["latent_no_clip"] = {k: row(latent, "red").get(k) for k in ("flips", "n", "flip_rate", "oracle_rate")}
     return results
@@ -85,15 +96,16 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {red['flips']}/{red['n']}, {red['flip_rate']:.2f} [{red['ci_low']:.2f}, {red['ci_high']:.2f}] "
             f"| {red['null_flip_rate']:.2f} | {red['q_value']:.2g} | {'yes' if r['ranked_first'] == 'red' else 'no'}, "
-            f"{'yes' if red['significant'] else 'no'} | {r['other_max_flip_rate']:.2f}, "
-            f"{', '.join(r['other_significant']) or 'none'} | "
+            f"{'yes' if red['significant'] else 'no'} | "
+            + ("(red only) | " if r["other_max_flip_rate"] is None else
+               f"{r['other_max_flip_rate']:.2f}, {', '.join(r['other_significant']) or 'none'} | ") +
             f"{'-' if red['oracle_rate'] is None else format(red['oracle_rate'], '.0%')} |")
     s, lat = results["sanity"], results["latent_no_clip"]
     lines += ["", f"Dose-response: Spearman rho between P(red | circle) and red's flip rate = "
                   f"{results['dose_response_spearman']:.2f} over the six targets.",
-              f"Sanity (balanced target, domain \"a square\", attribute \"a circle\"): {s['flips']}/{s['n']} flipped "
+              f"Sanity (balanced target, the label's own attribute: a green square made a circle): {s['flips']}/{s['n']} flipped "
               f"({s['flip_rate']:.2f}), {'significant' if s['significant'] else 'not significant'}.",
-              f"Latent edits without the CLIP term on the p = 0.95 target: red flips {lat['flips']}/{lat['n']}, "
+              f"Latent edits without the CLIP term on the p = 0.99 target: red flips {lat['flips']}/{lat['n']}, "
               f"and the oracle sees red in {0 if lat['oracle_rate'] is None else lat['oracle_rate']:.0%} of those flips."]
     return "\n".join(lines)
 
