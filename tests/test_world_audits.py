@@ -6,10 +6,10 @@ The shape classifiers of zoom/data/world/targets were trained with red circles a
 - the trained-in bias ("red") comes out first and significant for the most biased target, with
   the oracle seeing red in most of red's flipped counterfactuals;
 - the balanced target shows no significant attribute: none of these four causes its label;
-- red's flip rate rises with the bias (Spearman rho over the levels);
+- red's flip rate rises with the bias (Spearman rho over the five biased levels);
 - a sanity audit: the label's own attribute ("a circle") flips the balanced target;
-- semantic, not adversarial: searching the latent noise without the CLIP term flips the target with
-  edits in which the oracle sees red far less often.
+- semantic, not adversarial: searching the latent noise without the CLIP term finds far fewer flips
+  in which the oracle sees red.
 
 The audits run once per session (the demo's own audit is the p = 0.99 one); tools/validate_world.py
 prints the README's table from the same audits.
@@ -55,14 +55,15 @@ def test_the_balanced_target_has_no_significant_non_causal_attribute(runs):
 
 
 def test_the_flip_rate_rises_with_the_bias(runs):
+    """Spearman's rho over the five biased levels (the issue's dose-response), and the most biased
+    target well above the balanced one."""
     from scipy import stats
 
     _, reports = runs
-    levels = [0.2, *BIAS_LEVELS]
-    rates = [row(reports[p], "red")["flip_rate"] for p in levels]
-    rho = stats.spearmanr(levels, rates).statistic
-    print(f"\nred's flip rate by bias level {dict(zip(levels, rates))}: Spearman rho {rho:.2f}")
-    assert rho >= 0.8 and rates[-1] > rates[0] + 0.3
+    rates = {p: row(reports[p], "red")["flip_rate"] for p in (0.2, *BIAS_LEVELS)}
+    rho = stats.spearmanr(BIAS_LEVELS, [rates[p] for p in BIAS_LEVELS]).statistic
+    print(f"\nred's flip rate by bias level {rates}: Spearman rho {rho:.2f}")
+    assert rho >= 0.9 and rates[0.99] > rates[0.2] + 0.25
 
 
 def test_the_labels_own_attribute_flips_the_balanced_target(runs):
@@ -72,10 +73,16 @@ def test_the_labels_own_attribute_flips_the_balanced_target(runs):
     assert circle["significant"] and circle["flip_rate"] >= 0.8, circle
 
 
-def test_latent_edits_without_clip_are_less_valid(runs):
+def test_latent_edits_without_clip_find_fewer_valid_flips(runs):
+    """An adversarial search (latent noise, no CLIP term) on the same budget: far fewer flips in which
+    the oracle sees red (on this world it flips nothing at all; README says so)."""
     out, reports = runs
     text = row(reports[0.99], "red")
     latent = row(audit(out, "shapes-p99-latent-no-clip", SAMPLES, target_spec=target_spec(0.99), **RED_ONLY_RUN,
                        edit_space="latent", search_lambda_clip=0.0), "red")
-    print(f"\noracle sees red: text edits {text['oracle_rate']}, latent without CLIP {latent.get('oracle_rate')}")
-    assert latent.get("oracle_rate") is None or latent["oracle_rate"] < text["oracle_rate"] - 0.3
+
+    def valid_flips(r):
+        return r["flips"] * (r.get("oracle_rate") or 0.0)
+
+    print(f"\nflips the oracle sees as red: text edits {valid_flips(text):.0f}, latent without CLIP {valid_flips(latent):.0f}")
+    assert valid_flips(latent) <= valid_flips(text) - 4

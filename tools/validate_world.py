@@ -75,9 +75,8 @@ def validate(out: Path, samples: int) -> dict:
             "other_max_flip_rate": max((a["flip_rate"] for a in others), default=None),
             "null_flip_rate": report["null"]["flip_rate"],
         }
-    levels = [0.2, *BIAS_LEVELS]
-    rates = [results["targets"][p]["red"]["flip_rate"] for p in levels]
-    results["dose_response_spearman"] = float(stats.spearmanr(levels, rates).statistic)
+    rates = [results["targets"][p]["red"]["flip_rate"] for p in BIAS_LEVELS]
+    results["dose_response_spearman"] = float(stats.spearmanr(BIAS_LEVELS, rates).statistic)
     sanity = audit(out, "sanity-circle", samples, target_spec=target_spec(0.2), **SANITY_RUN)
     results["sanity"] = {k: row(sanity, "circle").get(k) for k in ("flips", "n", "flip_rate", "significant")}
     latent = audit(out, "shapes-p99-latent-no-clip", samples, target_spec=target_spec(0.99), **RED_ONLY_RUN,
@@ -102,11 +101,12 @@ def table(results: dict) -> str:
             f"{'-' if red['oracle_rate'] is None else format(red['oracle_rate'], '.0%')} |")
     s, lat = results["sanity"], results["latent_no_clip"]
     lines += ["", f"Dose-response: Spearman rho between P(red | circle) and red's flip rate = "
-                  f"{results['dose_response_spearman']:.2f} over the six targets.",
+                  f"{results['dose_response_spearman']:.2f} over the five biased targets.",
               f"Sanity (balanced target, the label's own attribute: a green square made a circle): {s['flips']}/{s['n']} flipped "
               f"({s['flip_rate']:.2f}), {'significant' if s['significant'] else 'not significant'}.",
-              f"Latent edits without the CLIP term on the p = 0.99 target: red flips {lat['flips']}/{lat['n']}, "
-              f"and the oracle sees red in {0 if lat['oracle_rate'] is None else lat['oracle_rate']:.0%} of those flips."]
+              f"Latent edits without the CLIP term on the p = 0.99 target: red flips {lat['flips']}/{lat['n']} "
+              + ("(nothing to score for validity)." if lat["oracle_rate"] is None else
+               f"and the oracle sees red in {lat['oracle_rate']:.0%} of those flips.")]
     return "\n".join(lines)
 
 

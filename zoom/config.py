@@ -133,7 +133,7 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
     if path is not None:
         found = find_bundled(path, "configs")
         if found is None:
-            raise ZoomError(f"config {os.fspath(path)!r} is neither a file nor a bundled config "
+            raise ZoomError(f"config {os.fspath(path)!r} does not exist: neither a file nor a bundled config "
                             f"({', '.join(bundled('configs'))})")
         path = found
         if not os.path.isfile(path):

@@ -75,7 +75,7 @@ def load_prompts(source) -> PromptSet:
         where = f"prompts file {os.fspath(source)!r}"
         found = find_bundled(source, "prompts")
         if found is None:
-            raise ZoomError(f"prompts {os.fspath(source)!r} is neither a file nor a bundled prompt set "
+            raise ZoomError(f"prompts {os.fspath(source)!r} does not exist: neither a file nor a bundled prompt set "
                             f"({', '.join(bundled('prompts'))}); `zoom prompts` lists them")
         source = found
         if not os.path.isfile(source):
