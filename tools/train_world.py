@@ -653,6 +653,21 @@ def stage_evaluate(cfg, work: Path, out: Path):
     log("quality: " + json.dumps(quality))
 
 
+def embed_prompt(pipe, prompt: str) -> torch.Tensor:
+    """The pipeline's own text conditioning of one prompt, [1, tokens, width]."""
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def shapes_prompt_set() -> dict:
+    """The demo's bundled prompt set (zoom/data/prompts/shapes.yaml), as written."""
+    from zoom.files import read_yaml
+    from zoom.prompts import find_bundled
+
+    return read_yaml(find_bundled("shapes", "prompts"), "prompts file")
+
+
 def pictures(cfg, pipe, folder: Path, scale: int = 3):
     """docs/world-samples.png (rendered vs generated, same captions) and docs/world-interpolation.png
     (the text conditioning moved from the demo's domain toward each attribute prompt, alpha 0 to 1.5)."""
@@ -670,19 +685,13 @@ def pictures(cfg, pipe, folder: Path, scale: int = 3):
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
         folder / "world-samples.png", optimize=True)
 
-    def embed(prompt):
-        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]
-
     rows = []
     with torch.no_grad():
-        # the demo's prompt set (zoom/data/prompts/shapes.yaml) and the label's own attribute
-        uncond, domain = embed(""), embed("a small plain green square on a white background")
-        for prompt in ("a small plain red square on a white background", "a small plain green square on a blue background",
-                       "a small striped green square on a white background", "a large plain green square on a white background",
-                       "a small plain green circle on a white background"):
-            direction = embed(prompt) - domain
+        # the demo's prompt set and the label's own attribute
+        shapes = shapes_prompt_set()
+        uncond, domain = embed_prompt(pipe, ""), embed_prompt(pipe, shapes["domain"])
+        for prompt in [a["prompt"] for a in shapes["attributes"]] + [shapes["domain"].replace("square", "circle")]:
+            direction = embed_prompt(pipe, prompt) - domain
             conds = torch.cat([domain + a * direction for a in np.linspace(0, 1.5, 7)])
             images = pipe(prompt_embeds=conds, negative_prompt_embeds=uncond.expand(7, -1, -1),
                           num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
@@ -703,15 +712,10 @@ def interpolation_quality(cfg, pipe, out: Path, seeds: int, alphas=(0.25, 0.5, 0
              ("shape", "circle", "a red shape", "a red circle")]
     result = {}
 
-    def embed(prompt):
-        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]
-
     with torch.no_grad():
-        uncond = embed("")
+        uncond = embed_prompt(pipe, "")
         for name, value, domain, attribute in cases:
-            e0, e1 = embed(domain), embed(attribute)
+            e0, e1 = embed_prompt(pipe, domain), embed_prompt(pipe, attribute)
             seen = []
             for alpha in (0.0, *alphas):
                 cond = (e0 + alpha * (e1 - e0)).expand(seeds, -1, -1)

@@ -22,15 +22,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_world import shapes_prompt_set, target_name  # noqa: E402  (tools/ is this file's folder)
 
 BIAS_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.99)
-DOMAIN = "a small plain green square on a white background"
-NULLS = [f"{prefix} {DOMAIN}" for prefix in ("a picture of", "a drawing of", "an image of", "a photo of")]
-# red alone with its null twin: the middle bias levels need no more (and cost a quarter of the set)
-RED_ONLY = {"domain": DOMAIN, "attributes": [{"name": "red", "prompt": "a small plain red square on a white background"}],
-            "null": NULLS}
-SANITY = {"domain": DOMAIN, "attributes": [{"name": "circle", "prompt": "a small plain green circle on a white background"}],
-          "null": NULLS}
+# the bundled shapes prompt set (the demo's), cut down: red alone with its null twin (the middle
+# bias levels need no more, at a quarter of the cost), and the label's own attribute
+SHAPES = shapes_prompt_set()
+RED_ONLY = {**SHAPES, "attributes": [a for a in SHAPES["attributes"] if a["name"] == "red"]}
+SANITY = {**SHAPES, "attributes": [{"name": "circle", "prompt": SHAPES["domain"].replace("square", "circle")}]}
 FULL_SET_LEVELS = (0.2, 0.99)  # the whole shapes prompt set on the balanced and the most biased target
 # the config's oracles name the whole set's attributes: an audit of fewer names only theirs
 RED_ONLY_RUN = {"prompts": RED_ONLY, "oracle": {"red": {"spec": "hf:${ZOOM_WORLD}/oracles/colour", "label": "red"}}}
@@ -40,8 +39,7 @@ SANITY_RUN = {"prompts": SANITY, "oracle": {"circle": {"spec": "hf:${ZOOM_WORLD}
 def target_spec(p: float) -> str:
     from zoom.world import models_dir
 
-    name = "shape-balanced" if p == 0.2 else f"shape-red-circles-p{round(p * 100):02d}"
-    return f"hf:{models_dir() / 'targets' / name}"
+    return f"hf:{models_dir() / 'targets' / target_name(p)}"
 
 
 def audit(out: Path, name: str, samples: int, **overrides) -> dict:
