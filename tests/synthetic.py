@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import yaml
@@ -19,7 +18,7 @@ from zoom.prompts import NULL_NAME, slugify
 DOMAIN = "a photo of a person's face"
 NULL_PROMPT = "a picture of a person's face"
 CLASSES = ["smiling", "neutral", "frowning"]
-GRID = [-3.0, -1.5, 0.0, 1.5, 3.0]
+GRID = [0.0, 0.75, 1.5, 2.25, 3.0]
 
 
 def base_config(names, *, samples, mode="single", seed=0, generator=None, target="torchscript:/models/m.pt"):
@@ -41,11 +40,14 @@ def base_config(names, *, samples, mode="single", seed=0, generator=None, target
     }
 
 
-def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False, statuses: dict | None = None) -> list[dict]:
+def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False, statuses: dict | None = None,
+                visible=None) -> list[dict]:
     """flips: {attribute name: [bool per seed], 'null': [bool per seed] or {attribute: [bool per seed]}}
     -> records in runner's shape. In single and sweep mode every attribute gets its null twin (a list
     under 'null' is every twin's outcome); in joint mode there is one shared null. statuses:
-    {(name or ('null', attribute)), seed index): status} marks items failed or skipped."""
+    {(name or ('null', attribute)), seed index): status} marks items failed or skipped. visible: the
+    attributes whose edits the judge CLIP sees (default all; each seed's judge change toward its text is
+    then well above the null twins', which move at random toward it), so their flips are confirmed."""
     import random
 
     rng = rng or random.Random(0)
@@ -75,19 +77,20 @@ def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False, st
             seed = seed0 + i
             base_pred = seed % len(CLASSES)
             final_pred = (base_pred + 1) % len(CLASSES) if flipped else base_pred
-            alpha = round(rng.choice([-1, 1]) * (rng.uniform(0.2, 3.0) if flipped else 3.0), 6)
+            alpha = round(rng.uniform(0.2, 3.0) if flipped else 3.0, 6)
             base_prob = round(rng.uniform(0.55, 0.9), 6)
             final_prob = round(base_prob - (rng.uniform(0.2, 0.5) if flipped else rng.uniform(0.0, 0.1)), 6)
-            change = round(rng.uniform(-0.01, 0.02), 6)
             is_null = name == NULL_NAME
+            seen = not is_null and (visible is None or name in visible)
+            change = round(rng.uniform(0.03, 0.06) if seen else rng.uniform(-0.01, 0.02), 6)
             record = {
                 "key": f"seed-{seed}/{slug}", "seed": seed, "attribute": name, "slug": slug,
                 "prompt": prompt, "mode": config["search"]["mode"], "edit_space": "text", "precision": "fp32",
                 "base_pred": base_pred, "base_label": CLASSES[base_pred], "final_pred": final_pred,
                 "final_label": CLASSES[final_pred], "flipped": bool(flipped), "steps": 3 if flipped else 8,
-                "alpha": alpha, "delta_rel": 0.0, "strength": abs(alpha), "reach": abs(alpha), "base_prob": base_prob,
-                "final_prob": final_prob, "validity": None if is_null else (alpha > 0) == (change > 0),
-                "validity_score": None if is_null else round(math.copysign(1, alpha) * change, 6),
+                "alpha": alpha, "delta_rel": 0.0, "strength": alpha, "reach": alpha, "base_prob": base_prob,
+                "final_prob": final_prob, "validity": None if is_null else change > 0,
+                "validity_score": None if is_null else change,
                 "judge_change": None if is_null else change,
                 "base_image": f"images/base/seed-{seed}.png", "counterfactual_image": f"images/{slug}/seed-{seed}.png",
                 "seconds": 0.5, "unet_calls": 4 if flipped else 9,
@@ -103,8 +106,8 @@ def records_for(flips: dict, config: dict, *, rng=None, curves: bool = False, st
             if curves:
                 points = []
                 for a in GRID:
-                    p = max(0.0, base_prob - (0.12 * abs(a) if flipped else 0.02 * abs(a)))
-                    pred = final_pred if (flipped and abs(a) >= abs(alpha) - 1e-9) else base_pred
+                    p = max(0.0, base_prob - (0.12 * a if flipped else 0.02 * a))
+                    pred = final_pred if (flipped and a >= alpha - 1e-9) else base_pred
                     points.append([a, round(p, 6), pred])
                 record["curve"] = points
                 record["unet_calls"] = len(GRID)

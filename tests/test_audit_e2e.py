@@ -34,12 +34,13 @@ def _check_report(run_dir, attributes: int, samples: int, joint: bool = False):
     assert {"config", "versions", "device", "precision", "num_processes", "start_time", "end_time"} <= set(report["run"])
     assert {"n", "flips", "flip_rate", "ci_low", "ci_high"} <= set(report["null"])
     assert len(report["attributes"]) == attributes
-    rates = [a["flip_rate"] for a in report["attributes"]]
-    assert rates == sorted(rates, reverse=True), "attributes are sorted by sensitivity"
+    rates = [a["confirmed_rate"] for a in report["attributes"]]
+    assert rates == sorted(rates, reverse=True), "attributes are sorted by sensitivity (confirmed flips)"
     for a in report["attributes"]:
         assert ATTRIBUTE_FIELDS <= set(a)
         assert a["n"] == samples
         assert a["ci_low"] <= a["flip_rate"] <= a["ci_high"]
+        assert a["confirmed_flips"] <= a["flips"] and a["p_value"] >= a["raw_p_value"]
     records = _records(run_dir)
     # single and sweep: each attribute and its null twin; joint: the attributes and one null slot
     assert len(records) == ((attributes + 1) if joint else 2 * attributes) * samples
@@ -47,6 +48,7 @@ def _check_report(run_dir, attributes: int, samples: int, joint: bool = False):
     for r in records:
         assert RECORD_FIELDS <= set(r)
         assert r["status"] == "ok"
+        assert r["alpha"] >= 0  # toward the attribute, never away from it
         assert (Path(run_dir) / r["base_image"]).is_file() and (Path(run_dir) / r["counterfactual_image"]).is_file()
     assert (Path(run_dir) / "report.csv").read_text().count("\n") == attributes + 2
     return report, records
@@ -65,8 +67,8 @@ def test_zoom_demo_end_to_end_in_a_subprocess(demo_run):
     assert "shapes world" in (out / "report.html").read_text()  # the description, at the top of the page
 
 
-@pytest.mark.parametrize("mode,edit_space", [("single", "latent"), ("single", "both"), ("joint", "text"),
-                                             ("sweep", "text")])
+@pytest.mark.parametrize("mode,edit_space", [("single", "text"), ("single", "latent"), ("single", "both"),
+                                             ("joint", "text"), ("sweep", "text")])
 def test_every_mode_and_edit_space_runs(tmp_path, demo_config, mode, edit_space):
     import dataclasses
 
@@ -81,13 +83,16 @@ def test_every_mode_and_edit_space_runs(tmp_path, demo_config, mode, edit_space)
         if edit_space == "latent":
             assert r["alpha"] == 0 and 0 < r["delta_rel"] <= search.delta_max + 1e-4
             assert r["strength"] == pytest.approx(r["delta_rel"])
+        if mode == "single" and edit_space == "text":  # the bracket: forward passes, the flip in (low, strength]
+            assert r["unet_calls"] in (search.grid_points, search.grid_points + 4) and isinstance(r["monotone"], bool)
+            assert r["strength_low"] < r["strength"] <= 1.0 if r["flipped"] else r["strength_low"] == 1.0
         if mode == "sweep":
             grid = [point[0] for point in r["curve"]]
-            assert grid == pytest.approx([-3.0, -1.5, 0.0, 1.5, 3.0])
-            assert r["unet_calls"] == 5
-            assert abs(r["alpha"]) in (0.0, 1.5, 3.0)
+            assert grid == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # [0, alpha_max]: never away from it
+            assert r["unet_calls"] == 4  # alpha = 0 is the base image itself
+            assert r["alpha"] in (0.25, 0.5, 0.75, 1.0)
             if r["flipped"]:
-                flip_alphas = [abs(a) for a, _, pred in r["curve"] if pred != r["base_pred"]]
+                flip_alphas = [a for a, _, pred in r["curve"] if pred != r["base_pred"]]
                 assert r["strength"] == pytest.approx(min(flip_alphas))
         if mode == "joint":
             assert 0 <= r["share"] <= 1

@@ -66,7 +66,7 @@ def _names(k):
 # Simulated audits
 
 
-def single_audit(rng, k, n, beta, effects=None, mode="single", seed=0):
+def single_audit(rng, k, n, beta, effects=None, mode="single", seed=0, visible=None):
     """Single/sweep mode: every attribute and its null twin flip seed s with the seed's propensity
     pi_s; an attribute with effect e flips too with probability e on the seeds its null does not reach
     (rate pi_s + e (1 - pi_s))."""
@@ -80,7 +80,7 @@ def single_audit(rng, k, n, beta, effects=None, mode="single", seed=0):
         nulls[name] = list(rng.random(n) < pi)
     flips[NULL_NAME] = nulls
     config = base_config(names, samples=n, mode=mode, seed=seed)
-    return records_for(flips, config, rng=random.Random(int(rng.integers(1 << 30)))), config
+    return records_for(flips, config, rng=random.Random(int(rng.integers(1 << 30))), visible=visible), config
 
 
 def joint_audit(rng, k, n, beta, effects=None):
@@ -296,3 +296,47 @@ def test_joint_mode_power():
               "propensity Beta(2,2), one attribute credited 4x as often as a null-like direction"}
     _record("power_joint", figure)
     assert figure["power"] >= 0.4
+
+
+# ---------------------------------------------------------------------------------------------
+# Confirmed flips (the judge CLIP sees the attribute): the threshold favours neither arm
+
+
+@pytest.mark.parametrize("beta_name", list(PROPENSITIES))
+def test_flips_the_judge_cannot_see_are_not_called(beta_name):
+    """Flips without the attribute in them (the issue's "less yellow" flips at alpha < 0): an attribute
+    whose edit flips every seed its null does not reach with probability 0.5, but whose edits the judge
+    does not see (its moves toward the attribute's text are distributed like the null twins'). The raw
+    test finds it almost always; the confirmed test must not: at most 5% of audits call it."""
+    rng = np.random.default_rng(zlib.crc32(f"invisible {beta_name}".encode()))
+    called = raw = 0
+    for _ in range(AUDITS):
+        records, config = single_audit(rng, 1, 64, PROPENSITIES[beta_name], {"attribute 0": 0.5}, visible=set())
+        row = report_of(records, config)["attributes"][0]
+        called += row["significant"]
+        raw += row["raw_significant"]
+    figure = {**_share(called, AUDITS), "raw_test_calls_it": round(raw / AUDITS, 4),
+              "setup": f"single mode, 1 attribute flipping half the seeds its null keeps, edits the judge cannot "
+                       f"see, 64 seeds, propensity {beta_name}"}
+    _record(f"confirmed_invisible_{beta_name}", figure)
+    _assert_calibrated(figure)
+    assert raw / AUDITS >= 0.5  # the raw test alone would have called it
+
+
+@pytest.mark.parametrize("beta_name", list(PROPENSITIES))
+def test_a_visible_attribute_that_flips_like_the_null_is_not_called(beta_name):
+    """The other way round: the judge sees every attribute edit (its threshold is the null twins' 95th
+    percentile, so attribute flips are confirmed and null flips rarely are), but the attributes flip
+    exactly as often as their nulls. Comparing confirmed flips alone would call them; the test (the
+    larger of the raw and confirmed paired p-values) calls something in at most 5% of audits."""
+    rng = np.random.default_rng(zlib.crc32(f"visible {beta_name}".encode()))
+    called = confirmed_only = 0
+    for _ in range(AUDITS):
+        records, config = single_audit(rng, 4, 32, PROPENSITIES[beta_name])
+        rows = report_of(records, config)["attributes"]
+        called += any(a["significant"] for a in rows)
+        confirmed_only += any(a["confirmed_p_value"] is not None and a["confirmed_p_value"] < 0.05 / 4 for a in rows)
+    figure = {**_share(called, AUDITS), "confirmed_test_alone_bonferroni": round(confirmed_only / AUDITS, 4),
+              "setup": f"single mode, 4 visible attributes flipping like their nulls, 32 seeds, propensity {beta_name}"}
+    _record(f"confirmed_visible_{beta_name}", figure)
+    _assert_calibrated(figure)

@@ -74,7 +74,6 @@ CONFIG_CASES = [
     ("guidance-nan", "generator.guidance_scale", float("nan"), ["generator.guidance_scale"]),
     ("unknown-key", "search.samplez", 3, ["unknown config key", "samplez"]),
     ("section-not-mapping", "search", [1, 2], ["search"]),
-    ("oracle-unknown-attribute", "oracle", {"wings": {"spec": "hf:/x", "label": "y"}}, ["oracle.wings"]),
     ("oracle-bad-shape", "oracle", {"smile": "hf:/x"}, ["oracle.smile", "spec"]),
     ("description-not-text", "description", ["a", "b"], ["description"]),
     ("prompts-missing-file", "prompts", "/nowhere/prompts.yaml", ["prompts", "neither a file nor a bundled"]),

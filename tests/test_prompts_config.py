@@ -346,3 +346,15 @@ def test_slugs_are_filesystem_safe_and_unique(tmp_path):
     # the names themselves are kept as given (stripped) for the report
     assert ps.attributes[0].name == "<script>alert(1)</script>"
     assert ps.attributes[1].name == "../../etc"
+
+
+def test_an_oracle_for_an_attribute_the_prompts_lack_is_skipped_with_a_note(capsys):
+    """One config serves several prompt sets: the demo's oracles name its four attributes, and an audit
+    of another set runs, saying which oracle it leaves out."""
+    config = load_config("demo", {"prompts": {"domain": "a small plain green square on a white background",
+                                              "attributes": [{"name": "red", "prompt": "a small plain red square on a "
+                                                                                       "white background"}]}})
+    assert list(config.oracle) == ["red"]
+    err = capsys.readouterr().err
+    assert "oracle.blue background" in err and "not used" in err and err.count("\n") == 3
+    assert config.overridden == ["prompts"]

@@ -4,10 +4,11 @@
     python tools/bench.py --full-size --precision bf16 # GPU, sd-turbo-class shapes with random weights
 
 Prints one JSON line:
-- counterfactuals_per_s, steps_per_counterfactual, unet_calls_per_counterfactual (medians) from a
-  single-mode search on a *planted* target (a readout along one attribute's mean image change, the
-  null's projected out; the real target still runs, at weight 0, so its cost counts) over --samples
-  seeds, attribute and null;
+- counterfactuals_per_s, steps_per_counterfactual, unet_calls_per_counterfactual (medians) from the
+  default search (single mode, text edits: the bracket, forward passes only) on a *planted* target (a
+  readout along one attribute's mean image change, the null's projected out; the real target still
+  runs, at weight 0, so its cost counts) over --samples seeds, attribute and null; `by_mode` gives
+  the same figures for the gradient searches (single mode with latent+text edits, joint mode);
 - time_split: the bare forward+backward time of generator (UNet sampling), decoder, guide and target,
   as shares of their sum;
 - overhead_ratio: the engine's step time (Searcher.optimise, nothing stopping early) over the bare
@@ -261,19 +262,35 @@ def main():
     arms = edits.arms()
     searcher = Searcher(models.generator, models.guide, models.target, models.criterion, search, precision)
     seeds = list(range(args.samples))
-    outcomes = []
-    sync(device)
-    start = time.perf_counter()
-    for i in range(0, len(seeds), batch):
-        base = searcher.base(seeds[i:i + batch], DOMAIN)
-        for arm in arms:
-            outcomes.append(searcher.optimise(base, edits.edit(arm, base.seeds), DOMAIN, search.edit_space))
-    sync(device)
-    elapsed = time.perf_counter() - start
+
+    def speed_run(mode: str, edit_space: str) -> dict:
+        """Every seed's attribute and null items as an audit searches them in this mode."""
+        outcomes = []
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(seeds), batch):
+            base = searcher.base(seeds[i:i + batch], DOMAIN)
+            if mode == "joint":
+                outcomes.append(searcher.optimise(base, edits.joint(base.seeds)[0], DOMAIN, edit_space))
+                continue
+            for arm in arms:
+                edit = edits.edit(arm, base.seeds)
+                outcomes.append(searcher.bracket_search(base, edit, DOMAIN) if edit_space == "text" else
+                                searcher.optimise(base, edit, DOMAIN, edit_space))
+        sync(device)
+        elapsed = time.perf_counter() - start
+        count = len(seeds) * len(arms)  # joint: one search covers the attribute and the null slot
+        per_item = 1 if mode != "joint" else len(arms)
+        return {"counterfactuals_per_s": round(count / elapsed, 4),
+                "flip_rate": round(sum(f for o in outcomes for f in o.flipped) / (count / per_item), 4),
+                "steps_per_counterfactual": statistics.median(s for o in outcomes for s in o.steps),
+                "unet_calls_per_counterfactual": statistics.median(c for o in outcomes for c in o.unet_calls)}
+
+    by_mode = {"single (text, bracket)": speed_run("single", "text"),
+               "single (both, gradients)": speed_run("single", "both"),
+               "joint (text, gradients)": speed_run("joint", "text")}
+    default = by_mode["single (text, bracket)"]
     count = len(seeds) * len(arms)
-    steps = [s for o in outcomes for s in o.steps]
-    calls = [c for o in outcomes for c in o.unet_calls]
-    flip_rate = sum(f for o in outcomes for f in o.flipped) / count
 
     # 2. Engine step vs bare forward+backward of the same modules, on one full batch.
     timing_seeds = list(range(batch))
@@ -312,10 +329,8 @@ def main():
         "batch_size": batch,
         "loop_decoder": "taesd" if args.loop_decoder else "vae",
         "counterfactuals": count,
-        "counterfactuals_per_s": round(count / elapsed, 4),
-        "flip_rate": round(flip_rate, 4),
-        "steps_per_counterfactual": statistics.median(steps),
-        "unet_calls_per_counterfactual": statistics.median(calls),
+        **default,
+        "by_mode": by_mode,
         "time_split": {k: round(v / total, 4) for k, v in split.items()},
         "bare_step_s": round(chain, 6),
         "engine_step_s": round(engine_step, 6),

@@ -13,7 +13,7 @@ from .errors import ZoomError
 __all__ = ["ZoomError", "audit"]
 
 _SHORT_KEYS = {"samples": "search.samples", "mode": "search.mode", "prompts": "prompts",
-               "precision": "precision", "edit_space": "search.edit_space"}
+               "precision": "precision", "edit_space": "search.edit_space", "seed": "search.seed"}
 
 
 def audit(config, out_dir, *, target=None, resume: bool = False, progress: bool = True, **overrides) -> dict:
@@ -32,6 +32,7 @@ def audit(config, out_dir, *, target=None, resume: bool = False, progress: bool 
         config = load_config(config, dotted)
     if target is not None:
         config.target.spec = "python:(in-memory module)"
+        config.overridden = sorted({*getattr(config, "overridden", []), "target.spec"})
     prepare_run_dir(out_dir, config, resume)
     models = load_models(config, pick_device(config), target=target)
     return run_audit(config, out_dir, resume=resume, models=models, progress=progress)

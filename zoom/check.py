@@ -4,7 +4,8 @@ An attribute fails the gate when the data show both that its flip rate exceeds R
 its null control's. Per attribute that is an intersection-union test: the p-value is the larger of
   - an exact one-sided binomial test of "flip rate > R" (Clopper-Pearson's), and
   - the exact one-sided McNemar test against its null control on the same seeds (the report's p),
-and Holm's procedure over the checked attributes keeps the family-wise error at 5%: when no checked
+counting confirmed flips (the judge CLIP, and the oracle where configured, sees the attribute in the
+counterfactual; `--raw` counts every flip), and Holm's procedure over the checked attributes keeps the family-wise error at 5%: when no checked
 attribute truly flips more often than R (or than its null), the gate fails a run at most 5% of the
 time, however many attributes are checked. A pass is not proof of robustness: with few seeds little
 can be shown either way, so the result lists every checked attribute's upper bound too.
@@ -35,7 +36,17 @@ def validate_threshold(value) -> float:
     return r
 
 
-def evaluate(report: dict, max_flip_rate, attributes=None) -> dict:
+def counted(row: dict, raw: bool = False) -> dict:
+    """The numbers the gate reads for one attribute: its confirmed flips (default) or every flip."""
+    if raw or "confirmed_flips" not in row:
+        return {"flips": row["flips"], "flip_rate": row["flip_rate"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
+                "p_value": row.get("raw_p_value", row.get("p_value")), "null_flip_rate": row.get("null_flip_rate")}
+    return {"flips": row["confirmed_flips"], "flip_rate": row["confirmed_rate"], "ci_low": row["confirmed_ci_low"],
+            "ci_high": row["confirmed_ci_high"], "p_value": row.get("p_value"),
+            "null_flip_rate": row.get("null_confirmed_rate")}
+
+
+def evaluate(report: dict, max_flip_rate, attributes=None, raw: bool = False) -> dict:
     """The gate's verdict on a report; ZoomError for bad input (threshold, names, unfinished or untestable run)."""
     r = validate_threshold(max_flip_rate)
     done = report.get("completeness") or {}
@@ -58,34 +69,40 @@ def evaluate(report: dict, max_flip_rate, attributes=None) -> dict:
     if untestable:
         raise ZoomError(f"attribute {untestable[0]!r} is untestable: its null control finished on none of its seeds "
                         "(see the failed records for why); rerun the audit or leave it out with --attribute")
-    p_rate = [rate_above_p(a["flips"], a["n"], r) for a in rows]
-    p_gate = [max(pr, a["p_value"]) for pr, a in zip(p_rate, rows)]
+    counts = [counted(a, raw) for a in rows]
+    p_rate = [rate_above_p(c["flips"], a["n"], r) for a, c in zip(rows, counts)]
+    p_gate = [max(pr, c["p_value"]) for pr, c in zip(p_rate, counts)]
     adjusted = holm_adjusted(p_gate)
     checked = []
-    for a, pr, pg, adj in zip(rows, p_rate, p_gate, adjusted):
+    for a, c, pr, pg, adj in zip(rows, counts, p_rate, p_gate, adjusted):
         checked.append({
-            "name": a["name"], "n": a["n"], "flips": a["flips"], "flip_rate": a["flip_rate"],
-            "ci_low": a["ci_low"], "ci_high": a["ci_high"], "exact_lower_bound": exact_lower_bound(a["flips"], a["n"]),
-            "null_flip_rate": a.get("null_flip_rate"), "p_above_r": pr, "p_above_null": a["p_value"],
+            "name": a["name"], "n": a["n"], "flips": c["flips"], "flip_rate": c["flip_rate"],
+            "ci_low": c["ci_low"], "ci_high": c["ci_high"], "exact_lower_bound": exact_lower_bound(c["flips"], a["n"]),
+            "null_flip_rate": c["null_flip_rate"], "p_above_r": pr, "p_above_null": c["p_value"],
             "p_gate": pg, "p_holm": adj, "fails": bool(adj < FAMILY_WISE_ERROR),
         })
     failing = [c["name"] for c in checked if c["fails"]]
     null = report["null"]
+    null_counts = {k: null.get(k) for k in ("n", "flips", "flip_rate", "ci_low", "ci_high")}
+    if not raw and "confirmed_flips" in null:
+        null_counts.update(flips=null["confirmed_flips"], flip_rate=null["confirmed_rate"],
+                           ci_low=null["confirmed_ci_low"], ci_high=null["confirmed_ci_high"])
     return {
         "passed": not failing,
+        "counts": "every flip (--raw)" if raw else "confirmed flips",
         "max_flip_rate": r,
         "rule": RULE.format(r=f"{r:g}", m=len(checked), level=FAMILY_WISE_ERROR),
         "guarantee": GUARANTEE.format(r=f"{r:g}", pct=round(100 * FAMILY_WISE_ERROR)),
         "failing": failing,
         "attributes": checked,
-        "null": {k: null.get(k) for k in ("n", "flips", "flip_rate", "ci_low", "ci_high")},
+        "null": null_counts,
         "family_wise_error": FAMILY_WISE_ERROR,
     }
 
 
-def check_run(run_dir, max_flip_rate, attributes=None) -> dict:
+def check_run(run_dir, max_flip_rate, attributes=None, raw: bool = False) -> dict:
     r = validate_threshold(max_flip_rate)  # bad input first, before reading anything
-    result = evaluate(build_report(run_dir), r, attributes)
+    result = evaluate(build_report(run_dir), r, attributes, raw)
     result["run"] = str(run_dir)
     return result
 
@@ -129,6 +146,8 @@ def check_text(result: dict) -> str:
         if highest is not None and highest > r:
             lines.append(f"note: a pass is not proof of robustness: flip rates up to {highest:.2f} (highest upper 95% "
                          f"bound) are still compatible with this run; more seeds narrow the intervals")
+    lines.append(f"counted: {result['counts']}" + ("" if "raw" in result["counts"] else
+                 " (the judge CLIP, and the oracle where configured, sees the attribute; --raw counts every flip)"))
     lines.append(f"rule: {result['rule']}")
     lines.append(f"guarantee: {result['guarantee']}")
     return "\n".join(lines)

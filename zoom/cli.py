@@ -236,11 +236,14 @@ Examples:
   zoom check runs/mine --max-flip-rate 0.2 --attribute eyeglasses --attribute hat --json""")
 @click.argument("run_dir", type=click.Path())
 @click.option("--max-flip-rate", "max_flip_rate", required=True, metavar="R",
-              help="Fail when exact tests show an attribute's flip rate above R (0..1) and above its null control.")
+              help="Fail when exact tests show an attribute's confirmed flip rate above R (0..1) and above its "
+                   "null control's.")
 @click.option("--attribute", "attributes", multiple=True, metavar="NAME",
               help="Check only this attribute (repeatable); default: all.")
+@click.option("--raw", is_flag=True, help="Count every flip, not only confirmed ones (the judge CLIP, and the oracle "
+                                          "where configured, sees the attribute in the counterfactual).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def check(run_dir, max_flip_rate, attributes, as_json):
+def check(run_dir, max_flip_rate, attributes, raw, as_json):
     """A pre-deployment gate: exit 1 (and say why) when an attribute's flip rate is too high, else 0.
 
     When no checked attribute truly flips more often than R (or than its null control), the gate fails
@@ -250,7 +253,7 @@ def check(run_dir, max_flip_rate, attributes, as_json):
 
     from .check import check_run, check_text
 
-    result = check_run(run_dir, max_flip_rate, list(attributes) or None)
+    result = check_run(run_dir, max_flip_rate, list(attributes) or None, raw)
     click.echo(json.dumps(result, indent=1, allow_nan=False) if as_json else check_text(result))
     if not result["passed"]:
         sys.exit(1)

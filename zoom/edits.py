@@ -14,9 +14,9 @@ The twin is searched exactly like the attribute (same loss terms, bounds and bud
 seeds, so the test against it is paired and compares like with like.
 
 Joint mode optimises all attribute directions at once, plus one null slot (a paraphrase or random
-direction per seed): every direction is rescaled to the median attribute norm so that weights, the
-L1 penalty and the credited share are comparable, and the null slot is exchangeable with an
-attribute that does nothing.
+direction per seed, rescaled to the median attribute direction's norm: the size of a typical
+attribute edit). Attribute directions keep their own size, so alpha_k = 1 is attribute k's own
+caption in joint mode too, and weights, the L1 penalty and the credited share are in those units.
 """
 
 from __future__ import annotations
@@ -93,10 +93,9 @@ class Edits:
 
     # -- joint ------------------------------------------------------------------------------
     def joint(self, seeds: list[int]) -> tuple[Edit, list[Attribute]]:
-        """K attribute directions and a null slot per seed, all rescaled to the median attribute norm."""
-        norms = torch.stack([d.norm() for d in self.directions])
-        common = float(norms.median())
-        dirs = torch.stack([d[0] * (common / float(n)) for d, n in zip(self.directions, norms)])  # [K, T, D]
+        """K attribute directions and a null slot per seed of the median attribute direction's norm."""
+        common = float(torch.stack([d.norm() for d in self.directions]).median())
+        dirs = torch.stack([d[0] for d in self.directions])  # [K, T, D]
         texts = torch.stack(self.text_dirs)
         slot = len(self.directions)
         per_seed = [self._null(seed, slot, common) for seed in seeds]

@@ -183,6 +183,7 @@ def run_info(config: Config, models: Models, device, world: int) -> dict:
         "precision": config.precision,
         "num_processes": world,
         "random_models": uses_random_models(config),
+        "overridden": list(getattr(config, "overridden", [])),
         "versions": package_versions(),
         "models": {
             "generator": {"id": config.generator.model, "revision": config.generator.revision,

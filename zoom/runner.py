@@ -30,6 +30,9 @@ from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, check_out_dir, open_
                      write_rank_meta)
 
 
+EVAL_IMAGES = 64  # images per forward pass when a bracket searches several arms of a block together
+
+
 def prepare_run_dir(out_dir, config: Config, resume: bool) -> dict:
     """Check (before any model loads) that out_dir may be written; return the resolved config."""
     resolved = config.resolved()
@@ -178,16 +181,25 @@ def search_block(out: Path, block: list[int], todo: list, edits, models: Models,
                                         twin_of=[a.prompt for a in prompts.attributes] if is_null else None)
             yield records
             return
-        for arm in todo:
-            edit = edits.edit(arm, block)
+        # One degree of freedom (single mode, text edits): bracketed with forward passes only, several
+        # arms per pass (up to EVAL_IMAGES images); the other searches take one arm at a time.
+        bracketed = s.mode == "single" and s.edit_space == "text"
+        group = max(1, EVAL_IMAGES // len(block)) if bracketed else 1
+        for g in range(0, len(todo), group):
+            arms = todo[g:g + group]
             start = time.perf_counter()
-            outcome = (searcher.sweep(base, edit, prompts.domain) if s.mode == "sweep"
-                       else searcher.optimise(base, edit, prompts.domain, s.edit_space))
-            seconds = (time.perf_counter() - start) / len(block)
-            paired = prompts.attributes[arm.index].prompt
-            yield item.records(arm.attribute, 0, outcome, seconds, [edits.prompt(arm, seed) for seed in block],
-                               judged=None if arm.is_null else paired, twin_of=[paired] if arm.is_null else None,
-                               pair=arm.pair)
+            if bracketed:
+                outcomes = searcher.bracket_arms(base, [edits.edit(arm, block) for arm in arms], prompts.domain)
+            elif s.mode == "sweep":
+                outcomes = [searcher.sweep(base, edits.edit(arms[0], block), prompts.domain)]
+            else:
+                outcomes = [searcher.optimise(base, edits.edit(arms[0], block), prompts.domain, s.edit_space)]
+            seconds = (time.perf_counter() - start) / len(block) / len(arms)
+            for arm, outcome in zip(arms, outcomes):
+                paired = prompts.attributes[arm.index].prompt
+                yield item.records(arm.attribute, 0, outcome, seconds, [edits.prompt(arm, seed) for seed in block],
+                                   judged=None if arm.is_null else paired, twin_of=[paired] if arm.is_null else None,
+                                   pair=arm.pair)
     except torch.cuda.OutOfMemoryError:
         if len(block) == 1:
             raise
@@ -237,8 +249,8 @@ class _ItemWriter:
         if joint:
             total = outcome.alpha.abs().sum(-1).clamp_min(1e-12)
             share = (outcome.alpha[:, k].abs() / total).tolist()
-            credited = (outcome.alpha.abs().argmax(-1) == k).tolist()
-        sign = torch.ones_like(alpha) if s.edit_space == "latent" else torch.sign(alpha)
+            credited = [credit(row, seed) == k for row, seed in zip(outcome.alpha, block)]
+        sign = torch.ones_like(alpha)  # edits go toward their prompt (alpha >= 0)
         change = self.judge_change(outcome.images, judged) if judged is not None else None
         baselines = {p: self.judge_change(outcome.images, p) for p in twin_of} if twin_of else None
         reach_alpha = outcome.reach[:, k] if outcome.reach is not None else alpha.abs()
@@ -302,8 +314,22 @@ class _ItemWriter:
                 record["any_flip"] = bool(outcome.flipped[i])
             if outcome.curves is not None:
                 record["curve"] = outcome.curves[i]
+            if outcome.low is not None and s.edit_space != "latent":  # the flip lies in (strength_low, strength]
+                record["strength_low"] = _finite(outcome.low[i, k], 6)
+            if outcome.monotone is not None:
+                record["monotone"] = bool(outcome.monotone[i])
             records.append(record)
         return records
+
+
+def credit(alpha_row: torch.Tensor, seed: int) -> int:
+    """Joint mode: the direction a flip is credited to, the one with the largest weight; weights
+    equal to 1e-6 (a flip at the start, directions clamped at alpha_max) are a tie drawn with the seed."""
+    from .search import tie_break
+
+    weights = alpha_row.abs()
+    top = float(weights.max())
+    return tie_break([k for k in range(len(weights)) if float(weights[k]) >= top - 1e-6], seed)
 
 
 def _finite(x, digits: int | None = None):

@@ -2,21 +2,30 @@
 
 For each seed the base image is the generator's output for the domain prompt. An *edit* is a set
 of directions in the text-conditioning space, `dir_k = E(prompt_k) - E(domain)`; the edited
-conditioning is `E(domain) + sum_k alpha_k * dir_k` with |alpha_k| <= alpha_max, plus (edit
-spaces `latent` / `both`) a residual `delta` on the initial noise with |delta| <= delta_max |noise|.
+conditioning is `E(domain) + sum_k alpha_k * dir_k` with 0 <= alpha_k <= alpha_max (alpha = 1 is
+the attribute's own caption; an edit never goes *away* from its attribute), plus (edit spaces
+`latent` / `both`) a residual `delta` on the initial noise with |delta| <= delta_max |noise|.
 
-- `optimise` (modes `single` with one direction, `joint` with all of them): Adam on alpha/delta
-  only (every model is frozen) minimising
+- `bracket` (single mode, text edits: one degree of freedom): forward passes only. The target on a
+  coarse grid of alpha in (0, alpha_max], batched over seeds, then bisection between the last grid
+  point that keeps the decision and the first that flips, to `tolerance`. The strength is the
+  smallest flipping alpha found, and the flip lies in (low, strength].
+- `optimise` (joint mode; latent and both edit spaces): Adam on alpha/delta only (every model is
+  frozen) minimising
       relu(margin + kappa) + lambda_clip * directional CLIP loss + lambda_alpha * |alpha|_1
       + lambda_delta * |delta| / |noise|,
-  where margin > 0 while the target keeps its base decision. Each sample stops at the first
-  evaluation that flips it; its strength at that point is recorded.
-- `sweep`: no gradients; the target along a grid of alpha in [-alpha_max, alpha_max].
+  where margin > 0 while the target keeps its base decision, alpha projected to [0, alpha_max]
+  after every step. It starts from the brackets: a seed that some direction flips on its own keeps
+  that bracket's flip (its smallest edit); the others start at the best direction's most
+  decision-moving grid point. Each sample stops at the first evaluation that flips it.
+- `sweep`: no gradients; the target along a grid of alpha in [0, alpha_max] (dose-response).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +99,33 @@ class Outcome:
     reach: torch.Tensor | None = None  # [B, K] largest |alpha_k| the search evaluated
     reach_delta: list[float] | None = None  # largest |delta| / |noise| the search evaluated
     curves: list[list] | None = None  # sweep: [[alpha, base_prob, pred], ...] per sample
+    low: torch.Tensor | None = None  # [B, K] the largest alpha known to keep the decision (NaN: unknown)
+    monotone: list[bool] | None = None  # False: the decision came back further along the grid
+
+    def part(self, rows: slice) -> "Outcome":
+        """The outcome of the samples `rows` of the batch."""
+        def cut(x):
+            return None if x is None else x[rows]
+
+        return Outcome(*(cut(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+
+@dataclass
+class Bracket:
+    """One direction's bracketing search (lists of length B). A flipped seed flips in (low, high];
+    an unflipped one kept its decision on the whole grid, where `start` had the smallest margin."""
+
+    flipped: list[bool]
+    low: list[float]
+    high: list[float]  # the smallest flipping alpha found (alpha_max when unflipped)
+    start: list[float]  # flipped: low; unflipped: the grid point with the smallest margin
+    min_margin: list[float]
+    monotone: list[bool]
+    final_pred: list[int]
+    final_prob: list[float]
+    images: torch.Tensor  # at high (unflipped: at alpha_max)
+    evaluations: list[int]
+    status: list[str]
 
 
 class Searcher:
@@ -113,16 +149,129 @@ class Searcher:
             logits = self.target(images)
         return latents, images.float(), logits.float()
 
-    def _confirm_with_full_vae(self, outcome: "Outcome", latents: torch.Tensor, base: "Base") -> None:
-        """With a fast loop decoder, the verdict and the saved image come from the full VAE."""
+    def _confirm_with_full_vae(self, outcome: "Outcome", latents: torch.Tensor, base: "Base", idx: list[int]) -> None:
+        """With a fast loop decoder, the verdict and the saved image of the seeds decided in the loop
+        (idx) come from the full VAE."""
+        if not idx:
+            return
+        sub = torch.tensor(idx, device=self.device)
         with torch.no_grad(), self.autocast():
-            images = self.generator.decode(latents)
+            images = self.generator.decode(latents[sub])
             logits = self.target(images).float()
-        margin = self.criterion.margin(logits, base.pred)
-        outcome.images = images.float()
-        outcome.flipped = [bool(f) and bool(m < 0) for f, m in zip(outcome.flipped, margin)]
-        outcome.final_pred = self.criterion.decision(logits).tolist()
-        outcome.final_prob = self.criterion.base_prob(logits, base.pred).tolist()
+        margin = self.criterion.margin(logits, base.pred[sub])
+        pred = self.criterion.decision(logits).tolist()
+        prob = self.criterion.base_prob(logits, base.pred[sub]).tolist()
+        for j, i in enumerate(idx):
+            outcome.images[i] = images[j].float()
+            outcome.flipped[i] = bool(outcome.flipped[i]) and bool(margin[j] < 0)
+            outcome.final_pred[i], outcome.final_prob[i] = pred[j], prob[j]
+
+    def _evaluate(self, seeds, edit: Edit, embeds, alpha):
+        """Forward only, with the full VAE: (images, logits) at per-sample weights alpha [b, K]."""
+        with torch.no_grad(), self.autocast():
+            latents = self.generator.sample_latents(seeds, edit.conditioning(embeds, alpha))
+            images = self.generator.decode(latents).float()
+            logits = self.target(images).float()
+        return images, logits
+
+    def grid(self) -> list[float]:
+        """The bracket's coarse grid: grid_points evenly spaced alphas in (0, alpha_max]."""
+        n = self.cfg.grid_points
+        return [self.cfg.alpha_max * (i + 1) / n for i in range(n)]
+
+    def bisections(self) -> int:
+        """Bisection steps that shrink one grid interval to at most `tolerance`."""
+        return max(0, math.ceil(math.log2(self.cfg.alpha_max / self.cfg.grid_points / self.cfg.tolerance)))
+
+    def bracket(self, base: Base, edit: Edit, domain: str, arm: int = 0) -> Bracket:
+        """Direction `arm` of the edit alone, forward passes only: its weight on the coarse grid (all
+        seeds batched), then bisection of each flipped seed's first flipping interval."""
+        B, K = len(base.seeds), edit.directions.shape[-3]
+        embeds = self.generator.embed(domain)
+        one_hot = torch.zeros(K, device=self.device)
+        one_hot[arm] = 1.0
+        flipped, monotone = [False] * B, [True] * B
+        low, high, start = [0.0] * B, [self.cfg.alpha_max] * B, [self.cfg.alpha_max] * B
+        min_margin = [math.inf] * B
+        final_pred, final_prob = base.pred.tolist(), base.prob.tolist()
+        images_out = base.images.clone()
+        status = ["ok"] * B
+        grid = self.grid()
+        # 1. The coarse grid, every seed at every point (a flip that comes back is seen).
+        for value in grid:
+            images, logits = self._evaluate(base.seeds, edit, embeds, value * one_hot.expand(B, K))
+            margin = self.criterion.margin(logits, base.pred)
+            pred = self.criterion.decision(logits)
+            prob = self.criterion.base_prob(logits, base.pred)
+            for i in range(B):
+                if not torch.isfinite(margin[i]):
+                    status[i] = "failed: non-finite target output"
+                    continue
+                m = float(margin[i])
+                if flipped[i]:
+                    monotone[i] = monotone[i] and m < 0
+                    continue
+                if m < 0:
+                    flipped[i], high[i] = True, value
+                    final_pred[i], final_prob[i], images_out[i] = int(pred[i]), float(prob[i]), images[i]
+                    continue
+                low[i] = value
+                if m < min_margin[i]:
+                    min_margin[i], start[i] = m, value
+                if value == grid[-1]:
+                    final_pred[i], final_prob[i], images_out[i] = int(pred[i]), float(prob[i]), images[i]
+        evaluations = [len(grid)] * B
+        # 2. Bisection inside each flipped seed's first flipping interval (low, high].
+        for _ in range(self.bisections()):
+            idx = [i for i in range(B) if flipped[i] and status[i] == "ok" and high[i] - low[i] > self.cfg.tolerance]
+            if not idx:
+                break
+            mid = torch.tensor([(low[i] + high[i]) / 2 for i in idx], device=self.device)
+            sub = torch.tensor(idx, device=self.device)
+            images, logits = self._evaluate([base.seeds[i] for i in idx], edit.take(sub), embeds,
+                                            mid[:, None] * one_hot)
+            margin = self.criterion.margin(logits, base.pred[sub])
+            pred = self.criterion.decision(logits)
+            prob = self.criterion.base_prob(logits, base.pred[sub])
+            for j, i in enumerate(idx):
+                evaluations[i] += 1
+                if not torch.isfinite(margin[j]):
+                    status[i] = "failed: non-finite target output"
+                elif margin[j] < 0:
+                    high[i] = float(mid[j])
+                    final_pred[i], final_prob[i], images_out[i] = int(pred[j]), float(prob[j]), images[j]
+                else:
+                    low[i] = float(mid[j])
+        for i in range(B):
+            if flipped[i]:
+                start[i] = low[i]
+        return Bracket(flipped, low, high, start, min_margin, monotone, final_pred, final_prob, images_out,
+                       evaluations, status)
+
+    def bracket_arms(self, base: Base, edits: list[Edit], domain: str) -> list[Outcome]:
+        """bracket_search for several edits of the same seeds in one batch (forward passes are cheaper
+        per image in larger batches); every number is per sample, so it equals searching them apart."""
+        B, n = len(base.seeds), len(edits)
+        if n == 1:
+            return [self.bracket_search(base, edits[0], domain)]
+        stacked = Base(base.seeds * n, *(t.repeat(n, *([1] * (t.dim() - 1))) for t in
+                                         (base.images, base.pred, base.prob, base.guide_emb, base.noise_norm,
+                                          base.loop_pred)))
+        per_sample = [e if e.per_sample else Edit(e.names, e.directions.expand(B, -1, -1, -1),
+                                                  e.text_dirs.expand(B, -1, -1)) for e in edits]
+        edit = Edit(edits[0].names, torch.cat([e.directions for e in per_sample]),
+                    torch.cat([e.text_dirs for e in per_sample]))
+        both = self.bracket_search(stacked, edit, domain)
+        return [both.part(slice(a * B, (a + 1) * B)) for a in range(n)]
+
+    def bracket_search(self, base: Base, edit: Edit, domain: str) -> Outcome:
+        """Single mode, text edits: the bracket as the search's outcome."""
+        b = self.bracket(base, edit, domain)
+        calls = [n * self.generator.steps for n in b.evaluations]
+        return Outcome([f and s == "ok" for f, s in zip(b.flipped, b.status)], b.evaluations,
+                       torch.tensor(b.high)[:, None], [0.0] * len(b.high), b.final_pred, b.final_prob, b.images,
+                       calls, b.status, reach=torch.full((len(b.high), 1), self.cfg.alpha_max),
+                       reach_delta=[0.0] * len(b.high), low=torch.tensor(b.low)[:, None], monotone=b.monotone)
 
     # -----------------------------------------------------------------------------------------
     def base(self, seeds, domain: str) -> Base:
@@ -170,13 +319,39 @@ class Searcher:
             loss = loss + cfg.lambda_delta * delta.flatten(1).norm(dim=1) / base.noise_norm[idx]
         return latents, images, logits, loss
 
+    def _start_from_brackets(self, base: Base, brackets: list[Bracket]):
+        """Per seed: the direction whose bracket flipped it with the smallest alpha (settled: the
+        search keeps that flip), or else the start point of the direction whose grid came closest to a
+        flip. Ties go to a direction drawn with the seed, so no direction (the null slot included) is
+        favoured by its position."""
+        B, K = len(base.seeds), len(brackets)
+        alpha0 = torch.full((B, K), ALPHA_INIT)
+        settled = {}
+        for i, seed in enumerate(base.seeds):
+            ok = [k for k in range(K) if brackets[k].status[i] == "ok"]
+            flipped = [k for k in ok if brackets[k].flipped[i]]
+            if flipped:
+                best = min(brackets[k].high[i] for k in flipped)
+                settled[i] = tie_break([k for k in flipped if brackets[k].high[i] <= best + 1e-9], seed)
+            elif ok:
+                best = min(brackets[k].min_margin[i] for k in ok)
+                k = tie_break([k for k in ok if brackets[k].min_margin[i] <= best + 1e-9 * (1 + abs(best))], seed)
+                alpha0[i, k] = max(brackets[k].start[i], ALPHA_INIT)
+        return alpha0.to(self.device), settled
+
     def optimise(self, base: Base, edit: Edit, domain: str, edit_space: str, item_seeds=None) -> Outcome:
-        """Adam on the edit parameters, per-sample early stop at the first flip."""
+        """Adam on the edit parameters from the brackets' start, per-sample early stop at the first flip."""
         cfg, B, K = self.cfg, len(base.seeds), edit.directions.shape[-3]
         embeds = self.generator.embed(domain)
         use_text, use_latent = edit_space in ("text", "both"), edit_space in ("latent", "both")
 
-        alpha = torch.full((B, K), ALPHA_INIT if use_text else 0.0, device=self.device)
+        # 1. Each direction's own bracket (forward passes): where they flip alone, and where to start.
+        brackets = [self.bracket(base, edit, domain, k) for k in range(K)] if use_text else []
+        settled = {}
+        if use_text:
+            alpha, settled = self._start_from_brackets(base, brackets)
+        else:
+            alpha = torch.zeros((B, K), device=self.device)
         delta = None
         params = []
         if use_text:
@@ -198,18 +373,29 @@ class Searcher:
 
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         flipped = [False] * B
-        steps = [0] * B
-        calls = [0] * B
+        evaluations = [sum(b.evaluations[i] for b in brackets) for i in range(B)]
         final_pred = base.pred.tolist()
         final_prob = base.prob.tolist()
         status = ["ok"] * B
         images_out = base.images.clone()
         latents_out = None
+        in_loop = [False] * B  # decided on the loop decoder's image: the full VAE confirms it after
         alpha_out = alpha.detach().clone()
+        low = torch.full((B, K), float("nan"))
         delta_out = torch.zeros(B)
-        reach = alpha.detach().abs().clone()  # censoring point of an unflipped seed's strength
+        # censoring point of an unflipped seed's strength: the brackets reached alpha_max on every direction
+        reach = torch.full((B, K), cfg.alpha_max) if use_text else alpha.detach().abs().clone()
         reach_delta = torch.zeros(B)
-        per_eval_calls = self.generator.steps
+        for i, k in settled.items():  # a direction alone flips it: its bracket is the outcome
+            b = brackets[k]
+            done[i], flipped[i] = True, True
+            final_pred[i], final_prob[i], images_out[i] = b.final_pred[i], b.final_prob[i], b.images[i]
+            alpha_out[i] = 0.0
+            alpha_out[i, k] = b.high[i]
+            low[i, k] = b.low[i]
+        for i in range(B):
+            if brackets and all(b.status[i] != "ok" for b in brackets):
+                done[i], status[i] = True, brackets[0].status[i]
 
         for step in range(cfg.max_steps + 1):
             active = (~done).nonzero()[:, 0]
@@ -227,18 +413,18 @@ class Searcher:
             now_flipped = (margin < 0) & finite
             last = step == cfg.max_steps
             for j, i in enumerate(active.tolist()):
-                calls[i] += per_eval_calls
-                reach[i] = torch.maximum(reach[i], a[j].detach().abs())
+                evaluations[i] += 1
+                reach[i] = torch.maximum(reach[i], a[j].detach().abs().cpu())
                 if d is not None:
                     reach_delta[i] = max(float(reach_delta[i]), float(d[j].detach().norm() / base.noise_norm[i]))
                 if now_flipped[j] or last or not finite[j]:
                     done[i] = True
                     flipped[i] = bool(now_flipped[j])
-                    steps[i] = step
                     final_pred[i] = int(pred[j])
                     final_prob[i] = float(prob[j])
                     images_out[i] = images[j].detach()
                     latents_out[i] = latents[j].detach().float()
+                    in_loop[i] = True
                     alpha_out[i] = a[j].detach()
                     if d is not None:
                         delta_out[i] = float(d[j].detach().norm() / base.noise_norm[i])
@@ -251,7 +437,7 @@ class Searcher:
             bad = keep & ~torch.isfinite(loss.detach())
             for j in bad.nonzero()[:, 0].tolist():
                 i = int(active[j])
-                done[i], status[i], steps[i] = True, "failed: non-finite loss", step
+                done[i], status[i] = True, "failed: non-finite loss"
             keep = keep & ~bad
             if not keep.any():
                 continue
@@ -266,7 +452,7 @@ class Searcher:
             scaler.update()
             with torch.no_grad():
                 if use_text:
-                    alpha.clamp_(-cfg.alpha_max, cfg.alpha_max)
+                    alpha.clamp_(0.0, cfg.alpha_max)  # toward the attribute, never away from it
                     alpha[done] = frozen_alpha[done]
                 if delta is not None:
                     limit = cfg.delta_max * base.noise_norm
@@ -274,49 +460,57 @@ class Searcher:
                     delta.mul_(scale.view(-1, 1, 1, 1))
                     delta[done] = frozen_delta[done]
 
-        outcome = Outcome(flipped, steps, alpha_out, delta_out.tolist(), final_pred, final_prob,
-                          images_out, calls, status, reach=reach, reach_delta=reach_delta.tolist())
+        calls = [n * self.generator.steps for n in evaluations]
+        outcome = Outcome(flipped, evaluations, alpha_out, delta_out.tolist(), final_pred, final_prob,
+                          images_out, calls, status, reach=reach, reach_delta=reach_delta.tolist(),
+                          low=low if use_text else None)
         if self.generator.loop_decoder is not None and latents_out is not None:
-            self._confirm_with_full_vae(outcome, latents_out, base)
+            self._confirm_with_full_vae(outcome, latents_out, base, [i for i in range(B) if in_loop[i]])
         return outcome
 
     # -----------------------------------------------------------------------------------------
     def sweep(self, base: Base, edit: Edit, domain: str) -> Outcome:
-        """No gradients: the target along alpha in [-alpha_max, alpha_max]; strength = smallest flipping |alpha|."""
+        """No gradients: the target along alpha in [0, alpha_max]; strength = the first flipping alpha."""
         cfg, B = self.cfg, len(base.seeds)
         embeds = self.generator.embed(domain)
-        grid = torch.linspace(-cfg.alpha_max, cfg.alpha_max, cfg.sweep_points).tolist()
-        order = sorted(range(len(grid)), key=lambda i: (abs(grid[i]), grid[i] < 0))
-        curves = [[None] * len(grid) for _ in range(B)]
-        flipped, alpha_out = [False] * B, torch.zeros(B, 1)
+        grid = torch.linspace(0.0, cfg.alpha_max, cfg.sweep_points).tolist()
+        # alpha = 0 is the base image itself: its point of the curve needs no pass
+        curves = [[[0.0, float(base.prob[i]), int(base.pred[i])]] for i in range(B)]
+        flipped, monotone = [False] * B, [True] * B
+        alpha_out, low = torch.full((B, 1), cfg.alpha_max), torch.zeros(B, 1)
         final_pred, final_prob = base.pred.tolist(), base.prob.tolist()
         images_out = base.images.clone()
         status = ["ok"] * B
-        with torch.no_grad():
-            for gi in order:
-                value = grid[gi]
-                alpha = torch.full((B, 1), value, device=self.device)
-                with self.autocast():  # sweeps judge with the full VAE: no gradients to save
-                    latents = self.generator.sample_latents(base.seeds, edit.conditioning(embeds, alpha))
-                    images = self.generator.decode(latents).float()
-                    logits = self.target(images).float()
-                pred = self.criterion.decision(logits)
-                prob = self.criterion.base_prob(logits, base.pred)
-                is_flip = self.criterion.margin(logits, base.pred) < 0
-                for i in range(B):
-                    curves[i][gi] = [round(value, 6), float(prob[i]), int(pred[i])]
-                    if not torch.isfinite(logits[i]).all():
-                        status[i] = "failed: non-finite target output"
-                    # First flip by increasing |alpha| wins; without any flip show the +alpha_max edit.
-                    if not flipped[i] and (is_flip[i] or (gi == len(grid) - 1)):
-                        flipped[i] = bool(is_flip[i])
-                        alpha_out[i, 0] = value
-                        final_pred[i], final_prob[i] = int(pred[i]), float(prob[i])
-                        images_out[i] = images[i]
-        calls = [len(grid) * self.generator.steps] * B
-        reach = torch.full((B, 1), float(max(abs(v) for v in grid)))
-        return Outcome(flipped, [len(grid)] * B, alpha_out, [0.0] * B, final_pred, final_prob,
-                       images_out, calls, status, reach=reach, reach_delta=[0.0] * B, curves=curves)
+        for value in grid[1:]:
+            images, logits = self._evaluate(base.seeds, edit, embeds, torch.full((B, 1), value, device=self.device))
+            pred = self.criterion.decision(logits)
+            prob = self.criterion.base_prob(logits, base.pred)
+            is_flip = self.criterion.margin(logits, base.pred) < 0
+            for i in range(B):
+                curves[i].append([round(value, 6), float(prob[i]), int(pred[i])])
+                if not torch.isfinite(logits[i]).all():
+                    status[i] = "failed: non-finite target output"
+                if flipped[i]:
+                    monotone[i] = monotone[i] and bool(is_flip[i])
+                elif is_flip[i] or value == grid[-1]:  # first flip wins; without one show the alpha_max edit
+                    flipped[i] = bool(is_flip[i])
+                    alpha_out[i, 0] = value
+                    final_pred[i], final_prob[i] = int(pred[i]), float(prob[i])
+                    images_out[i] = images[i]
+                if not flipped[i]:
+                    low[i, 0] = value
+        evaluations = [len(grid) - 1] * B
+        calls = [n * self.generator.steps for n in evaluations]
+        return Outcome(flipped, evaluations, alpha_out, [0.0] * B, final_pred, final_prob, images_out, calls, status,
+                       reach=torch.full((B, 1), cfg.alpha_max), reach_delta=[0.0] * B, curves=curves, low=low,
+                       monotone=monotone)
+
+
+def tie_break(candidates: list[int], seed: int) -> int:
+    """One of several equally good directions, drawn with the seed: never the first by position."""
+    if len(candidates) == 1:
+        return candidates[0]
+    return candidates[int(torch.randint(len(candidates), (1,), generator=torch.Generator().manual_seed(int(seed))))]
 
 
 def strength(alpha_row, delta_rel: float, edit_space: str) -> float:

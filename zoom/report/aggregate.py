@@ -13,13 +13,16 @@ from pathlib import Path
 from ..errors import ZoomError, printable
 from ..rundir import atomic_write, load_run
 from ..prompts import NULL_NAME
-from ..stats import bh_qvalues, censored_quantiles, mcnemar_greater_p, wilson_interval
+from ..stats import bh_qvalues, censored_quantiles, mcnemar_greater_p, rate_above_p, wilson_interval
 
 SCHEMA_VERSION = 1
 SIGNIFICANCE = 0.05  # BH false discovery rate at which an attribute is called significant
-CSV_COLUMNS = ["name", "prompt", "n", "flips", "flip_rate", "ci_low", "ci_high", "null_flip_rate", "pairs_n",
-               "attribute_only", "null_only", "p_value", "q_value", "significant", "median_strength_to_flip",
-               "mean_prob_drop", "validity_rate", "validity_null_rate", "failed", "skipped"]
+CONFIRM_QUANTILE = 0.95  # a confirmed flip moves the judge toward the attribute more than 95% of null twins do
+CSV_COLUMNS = ["name", "prompt", "n", "flips", "flip_rate", "ci_low", "ci_high", "null_flip_rate", "confirmed_flips",
+               "confirmed_rate", "confirmed_ci_low", "confirmed_ci_high", "null_confirmed_rate", "pairs_n",
+               "attribute_only", "null_only", "p_value", "q_value", "significant", "raw_p_value", "raw_q_value",
+               "raw_significant", "median_strength_to_flip", "mean_prob_drop", "validity_rate", "validity_null_rate",
+               "failed", "skipped"]
 
 
 def _num(x):
@@ -199,10 +202,73 @@ def _oracle(attribute: list[dict], null: list[dict], name: str) -> dict:
     }
 
 
-def _test(rows: list[dict], tables: list[dict]) -> list[tuple[float | None, float | None, bool]]:
-    """(p, q, significant) per attribute from its paired table: exact one-sided McNemar, then BH.
-    A table with no complete pair is untestable (p None)."""
-    ps = [mcnemar_greater_p(t["attribute_only"], t["null_only"]) if t["n"] else float("nan") for t in tables]
+def _order_statistic(m: int) -> int:
+    """The order statistic (1-based, of m null scores) used as the threshold: the smallest k whose
+    exceedance probability by one more exchangeable score, (m - k + 1) / (m + 1), is at most
+    1 - CONFIRM_QUANTILE; with fewer than 19 scores, the largest one."""
+    return max(1, min(m, math.ceil(CONFIRM_QUANTILE * (m + 1))))
+
+
+def chance_confirmed(m: int) -> float:
+    """The chance that an edit the judge does not see passes the threshold taken from m null scores."""
+    return (m - _order_statistic(m) + 1) / (m + 1) if m else 1.0
+
+
+def confirm(attribute: list[dict], null: list[dict], prompt: str, name: str) -> tuple[list[dict], list[dict], float]:
+    """The attribute's and its null control's records with `flipped` narrowed to *confirmed* flips, and
+    the chance that a flip the judge does not see is confirmed anyway.
+
+    A flip is confirmed when the judge CLIP's score for the attribute's text moved further (from the
+    base image to the counterfactual) than the null twins' moves toward the same text do, 95% of the
+    time (an order statistic of them, chance_confirmed), and, where the run has an oracle for the
+    attribute, the oracle sees it. Both arms of a seed are held to the same threshold, taken from the
+    null twins of the *other* seeds (leave one seed out), so it favours neither arm.
+    """
+    def toward(r):  # the null twin's judge change toward this attribute's text
+        return (r.get("judge_change_toward") or {}).get(prompt)
+
+    scores = {r["seed"]: toward(r) for r in null if _is_ok(r) and toward(r) is not None}
+
+    def threshold(seed) -> float:
+        others = sorted(v for s, v in scores.items() if s != seed)
+        return max(0.0, others[_order_statistic(len(others)) - 1]) if others else 0.0
+
+    def narrowed(r, change, oracle) -> dict:
+        confirmed = bool(_is_ok(r) and r["flipped"] and change is not None and change > threshold(r["seed"])
+                         and oracle is not False)
+        return {**r, "flipped": confirmed, "raw_flipped": r["flipped"]}
+
+    confirmed_attribute = [narrowed(r, r.get("judge_change"), r.get("oracle")) for r in attribute]
+    confirmed_null = [narrowed(r, toward(r), (r.get("oracle_toward") or {}).get(name)) for r in null]
+    return confirmed_attribute, confirmed_null, chance_confirmed(max(len(scores) - 1, 0))
+
+
+def _paired_p(tables: list[dict]) -> list[float | None]:
+    """Exact one-sided McNemar p per paired table; None (untestable) without a complete pair."""
+    return [_num(mcnemar_greater_p(t["attribute_only"], t["null_only"]) if t["n"] else float("nan")) for t in tables]
+
+
+def confirmation_p(confirmed: list[dict], chance: float) -> float:
+    """Exact one-sided binomial test: are the attribute's flips confirmed more often than the share
+    `chance` of them that a judge move at chance level would pass?"""
+    flips = [r for r in confirmed if _is_ok(r) and r["raw_flipped"]]
+    if not flips:
+        return 1.0
+    return rate_above_p(sum(r["flipped"] for r in flips), len(flips), chance)
+
+
+def _test(raw_tables: list[dict], confirmed_tables: list[dict] | None = None,
+          confirmation_ps: list[float] | None = None) -> list[tuple]:
+    """(p, q, significant) per attribute, BH over attributes. With confirmed tables the p-value is an
+    intersection-union test, the largest of three: the raw paired p (the attribute flips the target more
+    often than its null), the confirmed paired p (so do its confirmed flips) and the confirmation p (its
+    flips are confirmed more often than chance). So an attribute the judge sees that flips no more often
+    than the null is not called, nor is one whose extra flips show no attribute; whichever of the three
+    hypotheses holds, the error rate stays at the level."""
+    ps = [float("nan") if p is None else p for p in _paired_p(raw_tables)]
+    if confirmed_tables is not None:
+        ps = [max(p, float("nan") if c is None else c, v)
+              for p, c, v in zip(ps, _paired_p(confirmed_tables), confirmation_ps)]
     qs = bh_qvalues(ps)
     return [(_num(p), _num(q), bool(_num(q) is not None and q < SIGNIFICANCE)) for p, q in zip(ps, qs)]
 
@@ -221,21 +287,40 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
     null = {"name": NULL_NAME, "prompt": null_label, **_counts(null_records), "per_class": _per_class(null_records)}
 
     prompts = {a["name"]: a["prompt"] for a in prompts_config["attributes"]}
-    attributes, tables, matched = [], [], []
+    attributes, tables, raw_tables, matched, confirmed_nulls = [], [], [], [], {}
     for name, rs in groups.items():
         nulls = _matched_null(name, null_records)
-        table = pair_outcomes(rs, nulls)
         prompt = prompts.get(name, rs[0]["prompt"])
-        row = {"name": name, "prompt": prompt, "slug": rs[0]["slug"], **_counts(rs), "pairs": table,
-               "null_flip_rate": _num((table["both"] + table["null_only"]) / table["n"] if table["n"] else None),
+        confirmed_rs, confirmed_ns, chance = confirm(rs, nulls, prompt, name)
+        raw_table, table = pair_outcomes(rs, nulls), pair_outcomes(confirmed_rs, confirmed_ns)
+        counts = _counts(confirmed_rs)
+        row = {"name": name, "prompt": prompt, "slug": rs[0]["slug"], **_counts(rs),
+               "confirmed_flips": counts["flips"], "confirmed_rate": counts["flip_rate"],
+               "confirmed_ci_low": counts["ci_low"], "confirmed_ci_high": counts["ci_high"],
+               "pairs": raw_table, "confirmed_pairs": table,
+               "null_flip_rate": _num((raw_table["both"] + raw_table["null_only"]) / raw_table["n"]
+                                      if raw_table["n"] else None),
+               "null_confirmed_rate": _num((table["both"] + table["null_only"]) / table["n"] if table["n"] else None),
                "validity_null_rate": _validity_baseline(rs, nulls, prompt), **_oracle(rs, nulls, name),
-               "per_class": _per_class(rs)}
+               "per_class": _per_class(rs), **_extrapolated(rs, resolved_config)}
         attributes.append(row)
         tables.append(table)
-        matched.append((rs, nulls))
-    for row, (p, q, sig) in zip(attributes, _test(attributes, tables)):
-        row.update(p_value=p, q_value=q, significant=sig, testable=p is not None)
-    attributes.sort(key=lambda a: (-(a["flip_rate"] or 0), a["p_value"] if a["p_value"] is not None else 2, a["name"]))
+        raw_tables.append(raw_table)
+        matched.append((confirmed_rs, confirmed_ns, chance))
+        for r in confirmed_ns:  # joint mode's null slot stands in for every attribute: confirmed toward any
+            confirmed_nulls[r["key"]] = r if r["flipped"] or r["key"] not in confirmed_nulls else confirmed_nulls[r["key"]]
+    confirmation = [confirmation_p(rs, chance) for rs, _, chance in matched]
+    for row, (p, q, sig), (raw_p, raw_q, raw_sig), confirmed_p, confirmation_pv in zip(
+            attributes, _test(raw_tables, tables, confirmation), _test(raw_tables), _paired_p(tables), confirmation):
+        row.update(p_value=p, q_value=q, significant=sig, testable=p is not None,
+                   raw_p_value=raw_p, raw_q_value=raw_q, raw_significant=raw_sig, confirmed_p_value=confirmed_p,
+                   confirmation_p_value=confirmation_pv)
+    attributes.sort(key=lambda a: (-(a["confirmed_rate"] or 0), a["p_value"] if a["p_value"] is not None else 2,
+                                   -(a["flip_rate"] or 0), a["name"]))
+    if null_records:
+        counts = _counts(list(confirmed_nulls.values()) or [{**r, "flipped": False} for r in null_records])
+        null.update(confirmed_flips=counts["flips"], confirmed_rate=counts["flip_rate"],
+                    confirmed_ci_low=counts["ci_low"], confirmed_ci_high=counts["ci_high"])
 
     ok = [r for r in records if _is_ok(r)]
     cost = {
@@ -259,13 +344,27 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         "completeness": {"finished": len(records), "expected": expected,
                          "complete": expected is None or len(records) >= expected},
         "significance_level": SIGNIFICANCE,
-        "test": "exact one-sided McNemar test on seeds where the attribute and its null control both finished; "
-                "Benjamini-Hochberg over attributes",
+        "test": "on the seeds where the attribute and its null control both finished, exact one-sided McNemar tests "
+                "of flips (raw_p_value) and of confirmed flips (confirmed_p_value), and an exact binomial test of the "
+                "share of the attribute's flips confirmed against chance (confirmation_p_value); p_value is the "
+                "largest of the three (intersection-union), Benjamini-Hochberg over attributes",
+        "confirmation": f"a flip is confirmed when the judge CLIP moves toward the attribute's text by more than "
+                        f"{CONFIRM_QUANTILE:.0%} of the null twins' moves toward it on the other seeds, and the "
+                        "attribute's oracle (where configured) sees it",
         "strength_limit": _strength_limit(resolved_config),
         "failures": _failure_sensitivity(attributes, matched, records),
         "null": null,
         "attributes": attributes,
     }
+
+
+def _extrapolated(records: list[dict], config: dict) -> dict:
+    """With alpha_max > 1 a flip past alpha = 1 (the attribute's own caption) is an extrapolated edit."""
+    search = config.get("search") or {}
+    if search.get("edit_space", "text") == "latent" or not (search.get("alpha_max") or 0) > 1:
+        return {}
+    return {"extrapolated_flips": sum(1 for r in records if _is_ok(r) and r["flipped"]
+                                      and (r.get("strength") or 0) > 1 + 1e-9)}
 
 
 def _failure_sensitivity(attributes: list[dict], matched: list, records: list[dict]) -> dict:
@@ -274,10 +373,14 @@ def _failure_sensitivity(attributes: list[dict], matched: list, records: list[di
     out = {"failed": failed, "skipped": sum(not _is_ok(r) and not _is_failed(r) for r in records)}
     if not failed:
         return out
-    by_name = {rs[0]["attribute"]: (rs, nulls) for rs, nulls in matched}
+    by_name = {rs[0]["attribute"]: (rs, nulls, chance) for rs, nulls, chance in matched}
     for key, value in (("significant_if_failed_flipped", True), ("significant_if_failed_not_flipped", False)):
-        tables = [pair_outcomes(*by_name[a["name"]], impute_failed=value) for a in attributes]
-        out[key] = [a["name"] for a, (_, _, sig) in zip(attributes, _test(attributes, tables)) if sig]
+        arms = [by_name[a["name"]] for a in attributes]
+        confirmed = [pair_outcomes(rs, nulls, impute_failed=value) for rs, nulls, _ in arms]
+        raw = [pair_outcomes(*[[{**r, "flipped": r["raw_flipped"]} for r in side] for side in (rs, nulls)],
+                             impute_failed=value) for rs, nulls, _ in arms]
+        confirmation = [confirmation_p(rs, chance) for rs, _, chance in arms]
+        out[key] = [a["name"] for a, (_, _, sig) in zip(attributes, _test(raw, confirmed, confirmation)) if sig]
     return out
 
 
@@ -355,18 +458,22 @@ def format_strength(row: dict, limit) -> str:
 
 
 def summary_table(report: dict) -> str:
+    """The terminal table: raw flips beside confirmed ones; the rate, null, p, q and significance columns
+    are about confirmed flips (the report's headline)."""
     limit = report.get("strength_limit")
     oracle = any("oracle_rate" in a for a in report["attributes"])
-    rows = [("attribute", "flips/n", "flip rate [95% CI]", "null", "p", "q", "sig", "strength", "validity")
-            + (("oracle",) if oracle else ())]
+    rows = [("attribute", "flips/n", "confirmed", "confirmed rate [95% CI]", "null", "p", "q", "sig", "strength",
+             "validity") + (("oracle",) if oracle else ())]
     for a in report["attributes"] + [report["null"]]:
         is_null = a is report["null"]
-        ci = f"{_fmt(a['flip_rate'])} [{_fmt(a['ci_low'])}, {_fmt(a['ci_high'])}]"
+        ci = f"{_fmt(a.get('confirmed_rate'))} [{_fmt(a.get('confirmed_ci_low'))}, {_fmt(a.get('confirmed_ci_high'))}]"
         sig = "" if is_null else ("*" if a.get("significant") else ("untestable" if not a.get("testable", True) else ""))
         validity = _fmt(a.get("validity_rate"))
         if a.get("validity_null_rate") is not None:
             validity += f" ({_fmt(a['validity_null_rate'])})"
-        row = (printable(a["name"])[:28], f"{a['flips']}/{a['n']}", ci, "" if is_null else _fmt(a.get("null_flip_rate")),
+        confirmed = a.get("confirmed_flips")
+        row = (printable(a["name"])[:28], f"{a['flips']}/{a['n']}", "-" if confirmed is None else str(confirmed), ci,
+               "" if is_null else _fmt(a.get("null_confirmed_rate")),
                "" if is_null else format_p(a.get("p_value")), "" if is_null else format_p(a.get("q_value")),
                sig, format_strength(a, limit), "" if is_null else validity)
         if oracle:
@@ -375,6 +482,8 @@ def summary_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("confirmed: flips in which the judge CLIP (and the oracle, where configured) sees the attribute; "
+                 "rate, null, p, q and sig are about confirmed flips")
     failures = report.get("failures") or {}
     if failures.get("failed"):
         lines.append(failure_line(report))

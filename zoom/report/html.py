@@ -152,6 +152,9 @@ def _cell(flips: int, n: int) -> dict:
     return {"flips": flips, "n": n, "rate": flips / n, "ci_low": low, "ci_high": high}
 
 
+OVERRIDDEN = {"target.spec": "the target", "prompts": "the prompt set", "oracle": "the oracles"}
+
+
 def _verdict(report: dict) -> dict:
     attrs = report["attributes"]
     significant = [a for a in attrs if a.get("significant")]
@@ -230,6 +233,7 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
         "task": (config.get("target") or {}).get("task"),
         "resolution": (config.get("generator") or {}).get("resolution") or 512,
         "random_models": bool(run.get("random_models")),
+        "overridden": [OVERRIDDEN.get(k, k) for k in (run.get("overridden") or []) if isinstance(k, str)],
         "verdict": _verdict(report),
         "figures": _figures(report, records),
         "gallery": _gallery(report, records, run_dir, cap),
