@@ -11,6 +11,11 @@ read the image out along
 - blind: a random direction orthogonal to every prompt's mean change, so no attribute moves it.
 
 The readout is zoom.targets.DirectionReadout: two classes, logits [0, k (s - tau)].
+
+The tiny judge CLIP is random: it cannot see a smile, so confirmation means nothing on these models
+and the tests built on these audits read the raw flips (`raw_significant`, `zoom check --raw`).
+Confirmed flips are tested where a judge can see: on the shapes world (test_world_audits.py,
+test_search.py) and by simulation (test_calibration.py).
 """
 
 import torch
@@ -78,12 +83,13 @@ PLANTED_SAMPLES = 32
 
 
 def planted_config(folder):
-    """configs/tiny.yaml with a slightly larger search budget (max_steps 10), as the planted audits use."""
+    """configs/tiny.yaml searched up to alpha = 3 (past the captions: an extrapolated edit, which the report
+    counts as such; the tiny random generator barely listens to a prompt), max_steps 10 for gradients."""
     from pathlib import Path
 
     path = Path(folder) / "planted.yaml"
     path.write_text((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text()
-                    .replace("max_steps: 8", "max_steps: 10"))
+                    .replace("max_steps: 8", "max_steps: 10\n  alpha_max: 3.0"))
     return path
 
 
@@ -108,5 +114,5 @@ def audit_readout(folder, config_path, readout, name, samples=PLANTED_SAMPLES):
     report = json.loads((out / "report.json").read_text())
     for a in report["attributes"] + [report["null"]]:
         print(f"  {name}: {a['name']:<11} flips {a['flips']:>2}/{a['n']}  flip_rate {a['flip_rate']:.3f}  "
-              f"q {a.get('q_value')}")
+              f"raw q {a.get('raw_q_value')}")
     return out, report

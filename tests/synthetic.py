@@ -128,7 +128,7 @@ def _png(path: Path, seed: int, shade: int) -> None:
 
 def write_run(folder, flips: dict, *, mode: str = "single", seed: int = 0, generator=None, prompts=None,
               target="torchscript:/models/m.pt", command="zoom audit --config c.yaml", images=True,
-              curves: bool | None = None, rng=None, statuses=None, random_models: bool = False) -> Path:
+              curves: bool | None = None, rng=None, statuses=None, random_models: bool = False, visible=None) -> Path:
     """A complete run directory (without report files) for these flip outcomes."""
     folder = Path(folder)
     names = [n for n in flips if n != NULL_NAME]
@@ -137,7 +137,7 @@ def write_run(folder, flips: dict, *, mode: str = "single", seed: int = 0, gener
     if prompts is not None:
         config["prompts"] = copy.deepcopy(prompts)
     records = records_for(flips, config, rng=rng, curves=(mode == "sweep") if curves is None else curves,
-                          statuses=statuses)
+                          statuses=statuses, visible=visible)
     (folder / "records").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run = {"start_time": "2026-01-01T00:00:00+00:00", "command": command, "device": "cpu", "precision": "fp32",

@@ -255,17 +255,20 @@ def test_compare_refuses_different_prompts_or_generator(tmp_path):
 
 
 def test_check_fails_on_the_planted_run_and_passes_the_blind_one(planted_run, blind_run):
+    """The tiny judge is random (tests/planted.py), so the gate counts every flip here: --raw."""
     planted_dir, planted = planted_run
     blind_dir, _ = blind_run
-    result = invoke("check", planted_dir, "--max-flip-rate", "0.3")
+    result = invoke("check", planted_dir, "--max-flip-rate", "0.3", "--raw")
     assert result.exit_code == 1, result.output
     assert result.stdout.startswith("zoom check: FAIL") and f"  {PLANTED}:" in result.stdout
-    verdict = json.loads(invoke("check", planted_dir, "--max-flip-rate", "0.3", "--json").stdout)
+    assert "counted: every flip (--raw)" in result.stdout
+    verdict = json.loads(invoke("check", planted_dir, "--max-flip-rate", "0.3", "--json", "--raw").stdout)
     assert verdict["failing"] == [PLANTED]
     # the other attributes alone pass, and the blind run passes even at R = 0: nothing is significant
     others = [a["name"] for a in planted["attributes"] if a["name"] != PLANTED]
-    assert invoke("check", planted_dir, "--max-flip-rate", "0.3", *sum([["--attribute", o] for o in others], [])).exit_code == 0
-    blind = invoke("check", blind_dir, "--max-flip-rate", "0")
+    assert invoke("check", planted_dir, "--max-flip-rate", "0.3", "--raw",
+                  *sum([["--attribute", o] for o in others], [])).exit_code == 0
+    blind = invoke("check", blind_dir, "--max-flip-rate", "0", "--raw")
     assert blind.exit_code == 0, blind.output
     assert blind.stdout.startswith("zoom check: PASS")
 
@@ -281,3 +284,17 @@ def test_compare_flags_the_planted_attribute_between_planted_and_blind(planted_r
     assert data["attributes"][0]["difference"] < -0.2  # the blind target (B) flips far less often
     assert data["warnings"] == [] and data["paired"]  # same config and seeds: nothing but the target differs
     assert (tmp_path / "compare.html").stat().st_size > 10_000
+
+
+def test_check_counts_confirmed_flips_unless_raw(tmp_path):
+    """hat flips 40 of 64 seeds against a null at 4, but the judge never sees a hat in its images: the
+    gate passes (nothing confirmed beyond chance), and fails with --raw, which counts every flip."""
+    n = 64
+    run = write_run(tmp_path / "run", {"hat": pattern(40, n), "null": pattern(4, n)}, images=False, visible=set())
+    default = invoke("check", run, "--max-flip-rate", "0.2")
+    assert default.exit_code == 0, default.output
+    assert "counted: confirmed flips" in default.stdout
+    raw = invoke("check", run, "--max-flip-rate", "0.2", "--raw")
+    assert raw.exit_code == 1 and "  hat: 40/64" in raw.stdout, raw.output
+    seen = write_run(tmp_path / "seen", {"hat": pattern(40, n), "null": pattern(4, n)}, images=False)
+    assert invoke("check", seen, "--max-flip-rate", "0.2").exit_code == 1  # the same flips, visible: fails

@@ -52,10 +52,13 @@ def test_a_twin_depends_only_on_its_seed_not_on_its_batch(demo_models):
     assert torch.equal(alone, batched)
 
 
-def test_joint_directions_share_one_norm_and_carry_a_null_slot(demo_models):
+def test_joint_directions_keep_their_size_and_carry_a_null_slot_of_the_median_size(demo_models):
+    """alpha_k = 1 is attribute k's own caption in joint mode too; the null slot is a typical edit."""
     edits = _edits(demo_models, PARAPHRASES)
     edit, attributes = edits.joint([0, 1, 2])
     assert [a.name for a in attributes] == ["eyeglasses", "beard", "null"]
     norms = edit.directions.flatten(2).norm(dim=-1)  # [B, K + 1]
-    assert torch.allclose(norms, norms[0, 0].expand_as(norms), rtol=1e-5)  # all rescaled to the median norm
+    own = torch.stack([d.norm() for d in edits.directions])
+    assert torch.allclose(norms[:, :2], own.expand(3, -1), rtol=1e-5)
+    assert torch.allclose(norms[:, 2], own.median().expand(3), rtol=1e-5)
     assert edit.text_dirs.shape == (3, 3, edit.text_dirs.shape[-1])

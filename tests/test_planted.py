@@ -1,7 +1,8 @@
 """Planted ground truth: targets whose true sensitivity is known by construction (tests/planted.py)
 come out of a real audit as they should. The readouts are saved as TorchScript and audited through
 the `torchscript:` spec and the CLI, like any user model (the audits are the session fixtures
-`planted_run` and `blind_run` of conftest.py, shared with the report, check and compare tests)."""
+`planted_run` and `blind_run` of conftest.py, shared with the report, check and compare tests). The
+tiny judge is random, so the raw flips are what these targets are known to drive (tests/planted.py)."""
 
 import json
 
@@ -12,10 +13,10 @@ from planted import PLANTED
 
 def test_planted_attribute_is_found_first_and_significant(planted_run):
     _, report = planted_run
-    ranked = report["attributes"]
+    ranked = sorted(report["attributes"], key=lambda a: -a["flip_rate"])
     assert ranked[0]["name"] == PLANTED
-    assert ranked[0]["significant"] and ranked[0]["q_value"] < 0.01
-    assert all(not a["significant"] for a in ranked[1:]), "only the planted attribute matters"
+    assert ranked[0]["raw_significant"] and ranked[0]["raw_q_value"] < 0.01
+    assert all(not a["raw_significant"] for a in ranked[1:]), "only the planted attribute matters"
     # A clear margin, not a photo finish: the planted attribute flips far more often than any other.
     assert ranked[0]["flip_rate"] >= ranked[1]["flip_rate"] + 0.2
     assert ranked[0]["flip_rate"] >= report["null"]["flip_rate"] + 0.3
@@ -38,14 +39,14 @@ def test_larger_edits_that_the_target_does_not_read_are_not_significant(planted_
     assert larger == ["eyeglasses", "hat"], norm
     rows = {a["name"]: a for a in report["attributes"]}
     for name in larger:
-        assert not rows[name]["significant"], rows[name]
+        assert not rows[name]["raw_significant"], rows[name]
         assert rows[name]["pairs"]["n"] == rows[name]["n"]  # every seed paired with its null twin
-    assert rows[PLANTED]["significant"]
+    assert rows[PLANTED]["raw_significant"]
 
 
 def test_attribute_blind_target_has_nothing_significant(blind_run):
     out, report = blind_run
-    assert not any(a["significant"] for a in report["attributes"])
+    assert not any(a["raw_significant"] or a["significant"] for a in report["attributes"])
     # Not vacuous: the blind target does flip, about as often under the null as under attributes.
     assert report["null"]["flips"] > 0 and sum(a["flips"] for a in report["attributes"]) > 0
 

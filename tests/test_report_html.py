@@ -131,6 +131,31 @@ def test_report_marks_random_model_and_incomplete_runs(tmp_path):
     assert report["completeness"] == {"finished": 14, "expected": 16, "complete": False}
 
 
+def test_report_says_what_the_command_line_replaced_and_shows_confirmed_flips(tmp_path):
+    """A config's description is about its own target and prompts: a run that replaced them says so. The
+    table shows raw and confirmed flips side by side; hat's flips are not visible to the judge."""
+    import yaml
+
+    n = 48
+    run = write_run(tmp_path / "run", {"hat": pattern(36, n), "scarf": pattern(30, n), "null": pattern(3, n)},
+                    visible={"scarf"})
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["description"] = "A <b>face</b> classifier audited for hats."
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "overridden": ["target.spec", "prompts"]}))
+    report = write_report(run)
+    text = (run / "report.html").read_text()
+    assert "A &lt;b&gt;face&lt;/b&gt; classifier" in text
+    assert "This run replaced the target and the prompt set on the command line" in text
+    rows = {a["name"]: a for a in report["attributes"]}
+    assert rows["hat"]["flips"] == 36 and rows["hat"]["raw_significant"] and not rows["hat"]["significant"]
+    assert rows["scarf"]["confirmed_flips"] == 30 and rows["scarf"]["significant"]
+    assert report["attributes"][0]["name"] == "scarf"  # ranked by confirmed flips, not raw ones
+    assert "confirmed / n" in text and "36/48" in text and "30/48" in text
+    assert rows["hat"]["confirmation_p_value"] > 0.05 > rows["scarf"]["confirmation_p_value"]
+
+
 def test_zoom_report_rebuilds_the_audits_report(planted_run):
     run, _ = planted_run
     written = {name: (run / name).read_text() for name in ("report.json", "report.csv", "report.html")}

@@ -1,88 +1,85 @@
 """ZOOM's imbalanced-data protocol on the shapes world: audits find the bias trained into a target.
 
 The shape classifiers of zoom/data/world/targets were trained with red circles at P(red | circle) =
-0.5, 0.75, 0.9, 0.95, 0.99, and one on balanced data. Audited on small green squares (prompt set
-`shapes`, a flip is the classifier calling the square a circle):
-- the trained-in bias ("red") comes out first and significant for the most biased target, with
-  the oracle seeing red in most of red's flipped counterfactuals;
-- the balanced target shows no significant attribute: none of these four causes its label;
-- red's flip rate rises with the bias (Spearman rho over the five biased levels);
+0.5, 0.75, 0.9, 0.95, 0.99, and one on balanced data. Audited on small shapes (a flip is the
+classifier calling the shape a circle), through tools/validate_world.py's own `validate`:
+- the trained-in bias ("red") comes out first and significant for the most biased target, with the
+  oracle seeing red in most of red's flipped counterfactuals;
+- the balanced target shows no significant attribute besides red, in single and in sweep mode, and
+  red far less than on the most biased one (the validation at 48 seeds shows the balanced classifier
+  itself calls some red squares circles: README);
+- red's confirmed flip rate rises with the bias (Spearman rho over the six levels);
 - a sanity audit: the label's own attribute ("a circle") flips the balanced target;
 - semantic, not adversarial: searching the latent noise without the CLIP term finds far fewer flips
-  in which the oracle sees red.
+  that are confirmed red.
 
-The audits run once per session (the demo's own audit is the p = 0.99 one); tools/validate_world.py
-prints the README's table from the same audits.
+By default on the demo's domain and seeds (the demo's own audit is the p = 0.99 one), 16 seeds;
+ZOOM_WORLD_SAMPLES=48 ZOOM_WORLD_DOMAINS=green-square,blue-triangle,yellow-square runs the README's
+full validation (tools/validate_world.py prints its table, at seeds the tests do not use).
 """
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from validate_world import BIAS_LEVELS, FULL_SET_LEVELS, RED_ONLY_RUN, SANITY_RUN, audit, row, target_spec  # noqa: E402
+from validate_world import DOMAINS, validate  # noqa: E402
 
-SAMPLES = 16
+SAMPLES = int(os.environ.get("ZOOM_WORLD_SAMPLES", "16"))
+# the demo's domain always (the sanity and latent audits run there), others on request
+CHOSEN = {"green-square", *os.environ.get("ZOOM_WORLD_DOMAINS", "").split(",")}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, demo_run):
-    """The four attributes on the balanced and the most biased target (`zoom demo` is the p = 0.99
-    one); red alone, with its null twin, on the other levels (the dose-response needs no more)."""
+def results(tmp_path_factory, demo_run):
     out = tmp_path_factory.mktemp("world-audits")
-    reports = {0.99: demo_run[3]}
-    for p in (0.2, *BIAS_LEVELS):
-        if p not in reports:
-            overrides = {} if p in FULL_SET_LEVELS else RED_ONLY_RUN
-            reports[p] = audit(out, f"shapes-p{round(p * 100):02d}", SAMPLES, target_spec=target_spec(p), **overrides)
-    for p, r in sorted(reports.items()):
-        print(f"\np = {p}: " + ", ".join(f"{a['name']} {a['flips']}/{a['n']} q={a['q_value']:.2g}"
-                                         for a in r["attributes"]) + f"; null {r['null']['flip_rate']:.2f}")
-    return out, reports
+    demo_dir, _, _, demo_report = demo_run
+    if SAMPLES == demo_report["run"]["config"]["search"]["samples"]:  # `zoom demo` is this very audit
+        shutil.copytree(demo_dir, out / "green-square-p99")
+    found = validate(out, SAMPLES, [d for d in DOMAINS if d in CHOSEN], seed=0)
+    for domain, cell in found["domains"].items():
+        print(f"\n{domain}: " + "; ".join(
+            f"p = {p}: red {t['red']['confirmed_flips']}/{t['red']['n']} confirmed ({t['red']['flips']} flips), "
+            f"q = {t['red']['q_value']:.2g}" for p, t in cell["targets"].items())
+              + f"; rho {cell['dose_response_spearman']:.2f}")
+    return out, found
 
 
-def test_the_trained_in_bias_is_found_first_and_significant(runs):
-    _, reports = runs
-    ranked = reports[0.99]["attributes"]
-    assert ranked[0]["name"] == "red" and ranked[0]["significant"], ranked[0]
-    assert ranked[0]["oracle_rate"] >= 0.8, ranked[0]  # the oracle sees red in red's flips
+def test_the_trained_in_bias_is_found_first_and_significant(results):
+    for domain, cell in results[1]["domains"].items():
+        top = cell["targets"][0.99]
+        assert top["ranked_first"] == "red" and top["red"]["significant"], (domain, top)
+        assert top["red"]["oracle_rate"] >= 0.8, (domain, top)  # the oracle sees red in red's flips
 
 
-def test_the_balanced_target_has_no_significant_non_causal_attribute(runs):
-    _, reports = runs
-    assert not [a["name"] for a in reports[0.2]["attributes"] if a["significant"]]
+def test_the_balanced_target_has_no_significant_attribute_but_red_and_far_less_red(results):
+    for domain, cell in results[1]["domains"].items():
+        for run in (cell["targets"][0.2], cell["balanced_sweep"]):
+            assert not run["other_significant"], (domain, run)
+        assert cell["targets"][0.2]["red"]["confirmed_rate"] <= cell["targets"][0.99]["red"]["confirmed_rate"] - 0.5
 
 
-def test_the_flip_rate_rises_with_the_bias(runs):
-    """Spearman's rho over the five biased levels (the issue's dose-response), and the most biased
-    target well above the balanced one."""
-    from scipy import stats
-
-    _, reports = runs
-    rates = {p: row(reports[p], "red")["flip_rate"] for p in (0.2, *BIAS_LEVELS)}
-    rho = stats.spearmanr(BIAS_LEVELS, [rates[p] for p in BIAS_LEVELS]).statistic
-    print(f"\nred's flip rate by bias level {rates}: Spearman rho {rho:.2f}")
-    assert rho >= 0.9 and rates[0.99] > rates[0.2] + 0.25
+def test_the_confirmed_flip_rate_rises_with_the_bias(results):
+    """Spearman's rho of red's confirmed flip rate over the six levels (balanced = 0.2), and the most
+    biased target well above the three least biased ones."""
+    for domain, cell in results[1]["domains"].items():
+        rates = {p: t["red"]["confirmed_rate"] for p, t in cell["targets"].items()}
+        assert cell["dose_response_spearman"] >= 0.7, (domain, rates)
+        assert rates[0.99] >= max(rates[0.2], rates[0.5], rates[0.75]) + 0.5, (domain, rates)
 
 
-def test_the_labels_own_attribute_flips_the_balanced_target(runs):
-    out, _ = runs
-    report = audit(out, "sanity-circle", SAMPLES, target_spec=target_spec(0.2), **SANITY_RUN)
-    circle = row(report, "circle")
-    assert circle["significant"] and circle["flip_rate"] >= 0.8, circle
+def test_the_labels_own_attribute_flips_the_balanced_target(results):
+    sanity = results[1]["sanity"]
+    assert sanity["significant"] and sanity["flips"] >= 0.8 * sanity["n"], sanity
 
 
-def test_latent_edits_without_clip_find_fewer_valid_flips(runs):
-    """An adversarial search (latent noise, no CLIP term) on the same budget: far fewer flips in which
-    the oracle sees red (on this world it flips nothing at all; README says so)."""
-    out, reports = runs
-    text = row(reports[0.99], "red")
-    latent = row(audit(out, "shapes-p99-latent-no-clip", SAMPLES, target_spec=target_spec(0.99), **RED_ONLY_RUN,
-                       edit_space="latent", search_lambda_clip=0.0), "red")
-
-    def valid_flips(r):
-        return r["flips"] * (r.get("oracle_rate") or 0.0)
-
-    print(f"\nflips the oracle sees as red: text edits {valid_flips(text):.0f}, latent without CLIP {valid_flips(latent):.0f}")
-    assert valid_flips(latent) <= valid_flips(text) - 4
+def test_latent_edits_without_clip_find_fewer_confirmed_flips(results):
+    """An adversarial search (latent noise, no CLIP term) on the same budget: far fewer flips that are
+    confirmed red (on this world it flips nothing at all; README says so)."""
+    text = results[1]["domains"]["green-square"]["targets"][0.99]["red"]
+    latent = results[1]["latent_no_clip"]
+    print(f"\nconfirmed red flips: text edits {text['confirmed_flips']}, latent without CLIP {latent['confirmed_flips']}")
+    assert latent["confirmed_flips"] <= text["confirmed_flips"] - 4

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import ZoomError, printable
 from ..rundir import atomic_write, load_run
 from ..prompts import NULL_NAME
-from ..stats import bh_qvalues, censored_quantiles, mcnemar_greater_p, rate_above_p, wilson_interval
+from ..stats import bh_qvalues, censored_quantiles, mcnemar_greater_p, wilson_interval
 
 SCHEMA_VERSION = 1
 SIGNIFICANCE = 0.05  # BH false discovery rate at which an attribute is called significant
@@ -209,18 +209,13 @@ def _order_statistic(m: int) -> int:
     return max(1, min(m, math.ceil(CONFIRM_QUANTILE * (m + 1))))
 
 
-def chance_confirmed(m: int) -> float:
-    """The chance that an edit the judge does not see passes the threshold taken from m null scores."""
-    return (m - _order_statistic(m) + 1) / (m + 1) if m else 1.0
-
-
-def confirm(attribute: list[dict], null: list[dict], prompt: str, name: str) -> tuple[list[dict], list[dict], float]:
+def confirm(attribute: list[dict], null: list[dict], prompt: str, name: str) -> tuple[list[dict], list[dict], list]:
     """The attribute's and its null control's records with `flipped` narrowed to *confirmed* flips, and
-    the chance that a flip the judge does not see is confirmed anyway.
+    the null twins' judge moves toward the attribute's text (what chance looks like to the judge).
 
     A flip is confirmed when the judge CLIP's score for the attribute's text moved further (from the
     base image to the counterfactual) than the null twins' moves toward the same text do, 95% of the
-    time (an order statistic of them, chance_confirmed), and, where the run has an oracle for the
+    time (an order statistic of them), and, where the run has an oracle for the
     attribute, the oracle sees it. Both arms of a seed are held to the same threshold, taken from the
     null twins of the *other* seeds (leave one seed out), so it favours neither arm.
     """
@@ -240,7 +235,7 @@ def confirm(attribute: list[dict], null: list[dict], prompt: str, name: str) -> 
 
     confirmed_attribute = [narrowed(r, r.get("judge_change"), r.get("oracle")) for r in attribute]
     confirmed_null = [narrowed(r, toward(r), (r.get("oracle_toward") or {}).get(name)) for r in null]
-    return confirmed_attribute, confirmed_null, chance_confirmed(max(len(scores) - 1, 0))
+    return confirmed_attribute, confirmed_null, list(scores.values())
 
 
 def _paired_p(tables: list[dict]) -> list[float | None]:
@@ -248,13 +243,16 @@ def _paired_p(tables: list[dict]) -> list[float | None]:
     return [_num(mcnemar_greater_p(t["attribute_only"], t["null_only"]) if t["n"] else float("nan")) for t in tables]
 
 
-def confirmation_p(confirmed: list[dict], chance: float) -> float:
-    """Exact one-sided binomial test: are the attribute's flips confirmed more often than the share
-    `chance` of them that a judge move at chance level would pass?"""
-    flips = [r for r in confirmed if _is_ok(r) and r["raw_flipped"]]
-    if not flips:
+def confirmation_p(confirmed: list[dict], null_moves: list) -> float:
+    """One-sided Mann-Whitney test: does the judge move toward the attribute's text further in the
+    attribute's flipped counterfactuals than in its null twins' images? Rank-based, so it needs no
+    threshold; an edit the judge cannot see moves it like a null edit does."""
+    from scipy import stats
+
+    moves = [r["judge_change"] for r in confirmed if _is_ok(r) and r["raw_flipped"] and r.get("judge_change") is not None]
+    if not moves or not null_moves:
         return 1.0
-    return rate_above_p(sum(r["flipped"] for r in flips), len(flips), chance)
+    return float(stats.mannwhitneyu(moves, null_moves, alternative="greater").pvalue)
 
 
 def _test(raw_tables: list[dict], confirmed_tables: list[dict] | None = None,
@@ -262,8 +260,8 @@ def _test(raw_tables: list[dict], confirmed_tables: list[dict] | None = None,
     """(p, q, significant) per attribute, BH over attributes. With confirmed tables the p-value is an
     intersection-union test, the largest of three: the raw paired p (the attribute flips the target more
     often than its null), the confirmed paired p (so do its confirmed flips) and the confirmation p (its
-    flips are confirmed more often than chance). So an attribute the judge sees that flips no more often
-    than the null is not called, nor is one whose extra flips show no attribute; whichever of the three
+    flips move the judge toward the attribute further than its null twins' edits do). So an attribute the
+    judge sees that flips no more often than the null is not called, nor is one whose extra flips show no attribute; whichever of the three
     hypotheses holds, the error rate stays at the level."""
     ps = [float("nan") if p is None else p for p in _paired_p(raw_tables)]
     if confirmed_tables is not None:
@@ -291,7 +289,7 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
     for name, rs in groups.items():
         nulls = _matched_null(name, null_records)
         prompt = prompts.get(name, rs[0]["prompt"])
-        confirmed_rs, confirmed_ns, chance = confirm(rs, nulls, prompt, name)
+        confirmed_rs, confirmed_ns, null_moves = confirm(rs, nulls, prompt, name)
         raw_table, table = pair_outcomes(rs, nulls), pair_outcomes(confirmed_rs, confirmed_ns)
         counts = _counts(confirmed_rs)
         row = {"name": name, "prompt": prompt, "slug": rs[0]["slug"], **_counts(rs),
@@ -306,10 +304,10 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         attributes.append(row)
         tables.append(table)
         raw_tables.append(raw_table)
-        matched.append((confirmed_rs, confirmed_ns, chance))
+        matched.append((confirmed_rs, confirmed_ns, null_moves))
         for r in confirmed_ns:  # joint mode's null slot stands in for every attribute: confirmed toward any
             confirmed_nulls[r["key"]] = r if r["flipped"] or r["key"] not in confirmed_nulls else confirmed_nulls[r["key"]]
-    confirmation = [confirmation_p(rs, chance) for rs, _, chance in matched]
+    confirmation = [confirmation_p(rs, moves) for rs, _, moves in matched]
     for row, (p, q, sig), (raw_p, raw_q, raw_sig), confirmed_p, confirmation_pv in zip(
             attributes, _test(raw_tables, tables, confirmation), _test(raw_tables), _paired_p(tables), confirmation):
         row.update(p_value=p, q_value=q, significant=sig, testable=p is not None,
@@ -345,8 +343,9 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
                          "complete": expected is None or len(records) >= expected},
         "significance_level": SIGNIFICANCE,
         "test": "on the seeds where the attribute and its null control both finished, exact one-sided McNemar tests "
-                "of flips (raw_p_value) and of confirmed flips (confirmed_p_value), and an exact binomial test of the "
-                "share of the attribute's flips confirmed against chance (confirmation_p_value); p_value is the "
+                "of flips (raw_p_value) and of confirmed flips (confirmed_p_value), and a one-sided Mann-Whitney test of "
+                "the judge's move toward the attribute in its flips against the null twins' (confirmation_p_value); "
+                "p_value is the "
                 "largest of the three (intersection-union), Benjamini-Hochberg over attributes",
         "confirmation": f"a flip is confirmed when the judge CLIP moves toward the attribute's text by more than "
                         f"{CONFIRM_QUANTILE:.0%} of the null twins' moves toward it on the other seeds, and the "
@@ -373,13 +372,13 @@ def _failure_sensitivity(attributes: list[dict], matched: list, records: list[di
     out = {"failed": failed, "skipped": sum(not _is_ok(r) and not _is_failed(r) for r in records)}
     if not failed:
         return out
-    by_name = {rs[0]["attribute"]: (rs, nulls, chance) for rs, nulls, chance in matched}
+    by_name = {rs[0]["attribute"]: (rs, nulls, moves) for rs, nulls, moves in matched}
     for key, value in (("significant_if_failed_flipped", True), ("significant_if_failed_not_flipped", False)):
         arms = [by_name[a["name"]] for a in attributes]
         confirmed = [pair_outcomes(rs, nulls, impute_failed=value) for rs, nulls, _ in arms]
         raw = [pair_outcomes(*[[{**r, "flipped": r["raw_flipped"]} for r in side] for side in (rs, nulls)],
                              impute_failed=value) for rs, nulls, _ in arms]
-        confirmation = [confirmation_p(rs, chance) for rs, _, chance in arms]
+        confirmation = [confirmation_p(rs, moves) for rs, _, moves in arms]
         out[key] = [a["name"] for a, (_, _, sig) in zip(attributes, _test(raw, confirmed, confirmation)) if sig]
     return out
 
