@@ -79,17 +79,17 @@ def blind_readout(calibration):
     return _readout(base, _orthogonal_part(random, list(changes.values())), 0.5)
 
 
-PLANTED_SAMPLES = 32
+PLANTED_SAMPLES = 48
 
 
 def planted_config(folder):
-    """configs/tiny.yaml searched up to alpha = 3 (past the captions: an extrapolated edit, which the report
-    counts as such; the tiny random generator barely listens to a prompt), max_steps 10 for gradients."""
+    """configs/tiny.yaml searched up to alpha = 1.5, the alpha the readouts were calibrated at (past the
+    captions: an extrapolated edit, which the report counts as such), max_steps 10 for gradients."""
     from pathlib import Path
 
     path = Path(folder) / "planted.yaml"
     path.write_text((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text()
-                    .replace("max_steps: 8", "max_steps: 10\n  alpha_max: 3.0"))
+                    .replace("max_steps: 8", "max_steps: 10\n  alpha_max: 1.5"))
     return path
 
 

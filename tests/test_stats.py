@@ -213,17 +213,27 @@ def test_paired_interval_covers_the_true_difference():
     ([1.0] * 6, [0.5, 2.0]),
 ])
 def test_censored_quantiles_match_statsmodels(flipped, censored):
+    """statsmodels' quantile, except on a plateau (the estimate exactly q between two event times), where
+    zoom takes the midpoint as the sample median does (1, 2, 3, 4 -> 2.5; statsmodels says 3)."""
     from statsmodels.duration.survfunc import SurvfuncRight
 
     times = flipped + censored
     status = [1] * len(flipped) + [0] * len(censored)
     sf = SurvfuncRight(times, status)
+    events, cdf = list(sf.surv_times), [1 - s for s in sf.surv_prob]
     for q, ours in zip((0.25, 0.5, 0.75), censored_quantiles(flipped, censored)):
         ref = sf.quantile(q)
+        on_plateau = [i for i, f in enumerate(cdf[:-1]) if abs(f - q) < 1e-12]
+        if on_plateau:
+            ref = (events[on_plateau[0]] + events[on_plateau[0] + 1]) / 2
         if ours is None:
             assert math.isnan(ref)
         else:
             assert ours == pytest.approx(ref)
+
+
+def test_the_median_of_a_plateau_is_its_midpoint():
+    assert censored_quantiles([1.0, 2.0, 3.0, 4.0], [])[1] == pytest.approx(2.5)
 
 
 def test_censored_median_is_not_the_median_of_the_flipped():

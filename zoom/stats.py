@@ -146,13 +146,20 @@ def two_sided_exact_p(flips_1: int, n_1: int, flips_2: int, n_2: int) -> float:
 def censored_quantiles(flipped: list[float], censored: list[float], probs=(0.25, 0.5, 0.75)) -> list[float | None]:
     """Kaplan-Meier quantiles of the strength to flip: `flipped` are strengths at which seeds flipped,
     `censored` the strengths unflipped seeds reached without flipping (right-censored). A quantile the
-    estimate never passes (too few flips) is None: "more than the search reached"."""
+    estimate never passes (too few flips) is None: "more than the search reached". Where the estimate
+    sits exactly at q over an interval (a plateau), the quantile is that interval's midpoint, as the
+    sample median of 1, 2, 3, 4 is 2.5."""
     if not flipped:
         return [None] * len(probs)
     result = stats.ecdf(stats.CensoredData(uncensored=list(flipped), right=list(censored)))
     xs, cdf = result.cdf.quantiles, result.cdf.probabilities
     out = []
     for q in probs:
-        hits = [x for x, p in zip(xs, cdf) if p > q + 1e-12]  # smallest t with F(t) > q, as statsmodels
-        out.append(float(hits[0]) if hits else None)
+        above = [i for i, p in enumerate(cdf) if p > q + 1e-12]  # smallest t with F(t) > q
+        if not above:
+            out.append(None)
+            continue
+        i = above[0]
+        plateau = i > 0 and abs(cdf[i - 1] - q) <= 1e-12
+        out.append(float((xs[i - 1] + xs[i]) / 2) if plateau else float(xs[i]))
     return out

@@ -49,9 +49,11 @@ def _counts(records: list[dict]) -> dict:
     flips = [r for r in ok if r["flipped"]]
     n, k = len(ok), len(flips)
     low, high = wilson_interval(k, n)
-    # Strength to flip as right-censored data: an unflipped seed only says "more than it reached".
+    # Strength to flip as right-censored data: an unflipped seed only says "more than it reached". A
+    # bracketed flip lies in (strength_low, strength]: its interval's midpoint (the bracket is at most
+    # search.tolerance wide), not its upper end, which would bias every quantile up.
     q25, q50, q75 = censored_quantiles(
-        [r["strength"] for r in flips if r["strength"] is not None],
+        [_flip_point(r) for r in flips if r["strength"] is not None],
         [r.get("reach", r["strength"]) for r in ok if not r["flipped"] and r.get("reach", r["strength"]) is not None])
     out = {
         "n": n,
@@ -80,6 +82,11 @@ def _counts(records: list[dict]) -> dict:
     if curves is not None:
         out["dose_response"] = curves
     return out
+
+
+def _flip_point(r: dict) -> float:
+    low = r.get("strength_low")
+    return r["strength"] if low is None or low >= r["strength"] else (low + r["strength"]) / 2
 
 
 def _dose_response(ok: list[dict]) -> dict | None:
