@@ -300,3 +300,22 @@ def test_check_counts_confirmed_flips_unless_raw(tmp_path):
     assert raw.exit_code == 1 and "  hat: 40/64" in raw.stdout, raw.output
     seen = write_run(tmp_path / "seen", {"hat": pattern(40, n), "null": pattern(4, n)}, images=False)
     assert invoke("check", seen, "--max-flip-rate", "0.2").exit_code == 1  # the same flips, visible: fails
+
+
+def test_the_gate_does_not_pass_because_items_failed(tmp_path):
+    """The review's case: 64 seeds, 60 of the attribute's items `failed: non-finite target output`, the 4
+    that finished all flipped, the null 0/64. Before, the gate passed (Holm p 0.0625) without a word; a
+    failed item now counts as a flip of the attribute, and the output says how many failed."""
+    n = 64
+    flips = {"hat": [True] * n, "null": [False] * n}
+    statuses = {("hat", i): "failed: non-finite target output" for i in range(4, n)}
+    run = write_run(tmp_path / "run", flips, images=False, statuses=statuses)
+    result = invoke("check", run, "--max-flip-rate", "0.2")
+    assert result.exit_code == 1, result.output
+    assert "60 attribute item(s) failed" in result.stdout and "  hat: 64/64" in result.stdout
+    verdict = json.loads(invoke("check", run, "--max-flip-rate", "0.2", "--json").stdout)
+    assert verdict["attributes"][0]["failed"] == 60 and verdict["attributes"][0]["n"] == 64
+    # failures of the null twin count as no flip: they can only make the attribute look worse
+    statuses = {(("null", "hat"), i): "failed: non-finite target output" for i in range(0, n, 2)}
+    quiet = write_run(tmp_path / "quiet", {"hat": [False] * n, "null": [False] * n}, images=False, statuses=statuses)
+    assert invoke("check", quiet, "--max-flip-rate", "0.2").exit_code == 0

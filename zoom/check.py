@@ -17,7 +17,7 @@ import math
 
 from .errors import ZoomError, printable
 from .report.aggregate import build_report, format_p
-from .stats import exact_lower_bound, holm_adjusted, rate_above_p
+from .stats import exact_lower_bound, holm_adjusted, rate_above_p, wilson_interval
 
 FAMILY_WISE_ERROR = 0.05
 RULE = ("an attribute fails when exact tests show its flip rate is above {r} and above its null control's "
@@ -37,13 +37,21 @@ def validate_threshold(value) -> float:
 
 
 def counted(row: dict, raw: bool = False) -> dict:
-    """The numbers the gate reads for one attribute: its confirmed flips (default) or every flip."""
-    if raw or "confirmed_flips" not in row:
-        return {"flips": row["flips"], "flip_rate": row["flip_rate"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-                "p_value": row.get("raw_p_value", row.get("p_value")), "null_flip_rate": row.get("null_flip_rate")}
-    return {"flips": row["confirmed_flips"], "flip_rate": row["confirmed_rate"], "ci_low": row["confirmed_ci_low"],
-            "ci_high": row["confirmed_ci_high"], "p_value": row.get("p_value"),
-            "null_flip_rate": row.get("null_confirmed_rate")}
+    """The numbers the gate reads for one attribute: its confirmed flips (default) or every flip, with
+    each failed item counted as a flip of the attribute (never of its null twin): a model that fails
+    on an edited image is not robust to that edit, and a gate must not pass because items failed."""
+    failed = row.get("gate_if_failed")
+    if failed:
+        n, flips = failed["n"], failed["raw_flips" if raw else "flips"]
+        p = failed["raw_p_value" if raw else "p_value"]
+    elif raw or "confirmed_flips" not in row:
+        n, flips, p = row["n"], row["flips"], row.get("raw_p_value", row.get("p_value"))
+    else:
+        n, flips, p = row["n"], row["confirmed_flips"], row.get("p_value")
+    low, high = wilson_interval(flips, n)
+    return {"n": n, "flips": flips, "flip_rate": flips / n if n else None, "ci_low": low, "ci_high": high,
+            "p_value": p, "failed": failed["failed"] if failed else 0,
+            "null_flip_rate": row.get("null_flip_rate" if raw else "null_confirmed_rate", row.get("null_flip_rate"))}
 
 
 def evaluate(report: dict, max_flip_rate, attributes=None, raw: bool = False) -> dict:
@@ -61,23 +69,23 @@ def evaluate(report: dict, max_flip_rate, attributes=None, raw: bool = False) ->
             raise ZoomError(f"--attribute {unknown[0]!r} is not an attribute of this run; "
                             f"its attributes are: {', '.join(map(repr, known))}")
         rows = [a for a in rows if a["name"] in set(attributes)]
-    empty = [a["name"] for a in rows if not a.get("n")]
+    empty = [a["name"] for a in rows if not counted(a)["n"]]
     if empty:
-        raise ZoomError(f"attribute {empty[0]!r} has no successful items (all failed), so the check cannot "
+        raise ZoomError(f"attribute {empty[0]!r} has no finished items (all skipped), so the check cannot "
                         "judge it; rerun the audit or leave it out with --attribute")
     untestable = [a["name"] for a in rows if a.get("p_value") is None]
     if untestable:
         raise ZoomError(f"attribute {untestable[0]!r} is untestable: its null control finished on none of its seeds "
                         "(see the failed records for why); rerun the audit or leave it out with --attribute")
     counts = [counted(a, raw) for a in rows]
-    p_rate = [rate_above_p(c["flips"], a["n"], r) for a, c in zip(rows, counts)]
+    p_rate = [rate_above_p(c["flips"], c["n"], r) for c in counts]
     p_gate = [max(pr, c["p_value"]) for pr, c in zip(p_rate, counts)]
     adjusted = holm_adjusted(p_gate)
     checked = []
     for a, c, pr, pg, adj in zip(rows, counts, p_rate, p_gate, adjusted):
         checked.append({
-            "name": a["name"], "n": a["n"], "flips": c["flips"], "flip_rate": c["flip_rate"],
-            "ci_low": c["ci_low"], "ci_high": c["ci_high"], "exact_lower_bound": exact_lower_bound(c["flips"], a["n"]),
+            "name": a["name"], "n": c["n"], "flips": c["flips"], "flip_rate": c["flip_rate"], "failed": c["failed"],
+            "ci_low": c["ci_low"], "ci_high": c["ci_high"], "exact_lower_bound": exact_lower_bound(c["flips"], c["n"]),
             "null_flip_rate": c["null_flip_rate"], "p_above_r": pr, "p_above_null": c["p_value"],
             "p_gate": pg, "p_holm": adj, "fails": bool(adj < FAMILY_WISE_ERROR),
         })
@@ -146,6 +154,10 @@ def check_text(result: dict) -> str:
         if highest is not None and highest > r:
             lines.append(f"note: a pass is not proof of robustness: flip rates up to {highest:.2f} (highest upper 95% "
                          f"bound) are still compatible with this run; more seeds narrow the intervals")
+    failed = sum(c["failed"] for c in result["attributes"])
+    if failed:
+        lines.append(f"failed: {failed} attribute item(s) failed (see the records' status) and count as flips here: "
+                     "a model that fails on an edited image is not robust to the edit")
     lines.append(f"counted: {result['counts']}" + ("" if "raw" in result["counts"] else
                  " (the judge CLIP, and the oracle where configured, sees the attribute; --raw counts every flip)"))
     lines.append(f"rule: {result['rule']}")

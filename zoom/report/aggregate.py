@@ -387,7 +387,30 @@ def _failure_sensitivity(attributes: list[dict], matched: list, records: list[di
                              impute_failed=value) for rs, nulls, _ in arms]
         confirmation = [confirmation_p(rs, moves) for rs, _, moves in arms]
         out[key] = [a["name"] for a, (_, _, sig) in zip(attributes, _test(raw, confirmed, confirmation)) if sig]
+    for a in attributes:
+        a["gate_if_failed"] = _gate_if_failed(*by_name[a["name"]])
     return out
+
+
+def _gate_if_failed(confirmed: list[dict], nulls: list[dict], moves: list) -> dict | None:
+    """The numbers `zoom check` gates on when items failed: a failed attribute item counts as a flip (a
+    model that fails on the edited image is not robust to the edit), a failed null item as none."""
+    failed = sum(_is_failed(r) for r in confirmed)
+    if not failed and not any(_is_failed(r) for r in nulls):
+        return None
+
+    def imputed(rs, value):
+        return [{**r, "status": "ok", "flipped": value, "raw_flipped": value} if _is_failed(r) else r for r in rs]
+
+    rs, ns = imputed(confirmed, True), imputed(nulls, False)
+    table = pair_outcomes(rs, ns)
+    raw_table = pair_outcomes(*[[{**r, "flipped": r["raw_flipped"]} for r in side] for side in (rs, ns)])
+    raw_p, confirmed_p = _paired_p([raw_table, table])
+    ok = [r for r in rs if _is_ok(r)]
+    return {"failed": failed, "n": len(ok), "flips": sum(r["flipped"] for r in ok),
+            "raw_flips": sum(r["raw_flipped"] for r in ok), "raw_p_value": raw_p,
+            "p_value": None if raw_p is None or confirmed_p is None else
+            max(raw_p, confirmed_p, confirmation_p(confirmed, moves))}
 
 
 def build_report(run_dir) -> dict:
