@@ -58,7 +58,7 @@ def test_zoom_demo_end_to_end_in_a_subprocess(demo_run):
     """`zoom demo` audits the shapes world's biased classifier offline and says what it found."""
     out, stdout, seconds, report = demo_run
     assert "shapes world" in stdout and "RANDOMLY" not in stdout  # a trained model: no random-model banner
-    assert "flip rate" in stdout and str(out.resolve() / "report.html") in stdout
+    assert "confirmed rate" in stdout and str(out.resolve() / "report.html") in stdout
     _check_report(out, attributes=4, samples=report["run"]["config"]["search"]["samples"])
     assert report["run"]["config"]["search"]["samples"] >= 16 and report["run"]["random_models"] is False
     assert report["attributes"][0]["name"] == "red" and report["attributes"][0]["significant"]

@@ -196,6 +196,20 @@ def test_gate_fails_compliant_runs_at_most_5_percent(k, n):
     _assert_calibrated(figure)
 
 
+@pytest.mark.parametrize("k,n", [(1, 64), (4, 64)])
+def test_gate_fails_runs_whose_nulls_flip_at_r_at_most_5_percent(k, n):
+    """Every null twin flips exactly at R = 0.3 and every attribute like its null (iid seeds): the worst
+    case for the part of the gate that tests the null controls against R."""
+    rng = np.random.default_rng(zlib.crc32(f"null gate {k} {n}".encode()))
+    fails = 0
+    for _ in range(AUDITS):
+        records, config = _iid_audit(rng, k, n, 0.3, {})
+        fails += not evaluate(report_of(records, config), 0.3)["passed"]
+    figure = {**_share(fails, AUDITS), "setup": f"gate, {k} attribute(s) and nulls at R = 0.3, {n} seeds"}
+    _record(f"gate_false_fail_nulls_at_R_{k}x{n}", figure)
+    _assert_calibrated(figure)
+
+
 def _old_gate_fails(report, r):
     """The gate before: significant (BH) and Wilson lower bound above R, no correction across attributes."""
     return any(a["ci_low"] is not None and a["ci_low"] > r and a["q_value"] is not None and a["q_value"] < 0.05

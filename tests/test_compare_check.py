@@ -105,12 +105,15 @@ def test_check_rule_needs_exact_evidence_above_r_and_above_the_null(tmp_path):
     assert evaluate(report, 0.6)["passed"]                           # ... but not above 0.6
     assert evaluate(report, 1.0)["passed"] and not evaluate(report, 0.0)["passed"]
     assert evaluate(report, 0.3, ["weak"])["passed"] and not evaluate(report, 0.3)["passed"]  # --attribute filters
-    # Holm: the p-value of each attribute is max(p above R, p above null), adjusted over the family
+    # Holm: the p-value of each attribute is max(p above R, p above null), adjusted over the family of the
+    # two attributes and their two null twins (each null tested against R)
     assert checked["strong"]["p_gate"] == max(checked["strong"]["p_above_r"], checked["strong"]["p_above_null"])
-    assert checked["strong"]["p_holm"] == pytest.approx(min(1.0, 2 * checked["strong"]["p_gate"]))
-    # a high flip rate that is not above the null does not fail: the null flips just as often
+    assert checked["strong"]["p_holm"] == pytest.approx(min(1.0, 4 * checked["strong"]["p_gate"]))
+    # a high flip rate that is not above the null does not fail as an attribute; its null, at 20/32, is not
+    # shown above 0.5 either, so the run passes at R = 0.5 and fails at R = 0.3 on the null alone
     blind = _report(tmp_path, {"a": pattern(20, n), "null": pattern(20, n)}, name="blind")
-    assert blind["attributes"][0]["ci_low"] > 0.4 and evaluate(blind, 0.0)["passed"]
+    assert evaluate(blind, 0.3)["failing"] == [] and not evaluate(blind, 0.3)["passed"]
+    assert blind["attributes"][0]["ci_low"] > 0.4 and evaluate(blind, 0.5)["passed"]
 
 
 def test_check_states_its_guarantee_and_refuses_untestable_attributes(tmp_path):
@@ -264,11 +267,12 @@ def test_check_fails_on_the_planted_run_and_passes_the_blind_one(planted_run, bl
     assert "counted: every flip (--raw)" in result.stdout
     verdict = json.loads(invoke("check", planted_dir, "--max-flip-rate", "0.1", "--json", "--raw").stdout)
     assert verdict["failing"] == [PLANTED]
-    # the other attributes alone pass, and the blind run passes even at R = 0: nothing is significant
+    # the other attributes alone pass, and the blind run passes at R = 0.3: nothing beats its null, and
+    # its nulls flip about 10% of the seeds
     others = [a["name"] for a in planted["attributes"] if a["name"] != PLANTED]
     assert invoke("check", planted_dir, "--max-flip-rate", "0.1", "--raw",
                   *sum([["--attribute", o] for o in others], [])).exit_code == 0
-    blind = invoke("check", blind_dir, "--max-flip-rate", "0", "--raw")
+    blind = invoke("check", blind_dir, "--max-flip-rate", "0.3", "--raw")
     assert blind.exit_code == 0, blind.output
     assert blind.stdout.startswith("zoom check: PASS")
 
@@ -319,3 +323,19 @@ def test_the_gate_does_not_pass_because_items_failed(tmp_path):
     statuses = {(("null", "hat"), i): "failed: non-finite target output" for i in range(0, n, 2)}
     quiet = write_run(tmp_path / "quiet", {"hat": [False] * n, "null": [False] * n}, images=False, statuses=statuses)
     assert invoke("check", quiet, "--max-flip-rate", "0.2").exit_code == 0
+
+
+def test_a_model_that_flips_on_meaningless_edits_fails_the_gate(tmp_path):
+    """The review's case: hat and its null twin both flip about 90% of the seeds. Hat does not beat its
+    null, but a model that flips on a paraphrase as large as the edit is not robust: the null control
+    is gated against R too, and the output says so."""
+    n = 64
+    run = write_run(tmp_path / "run", {"hat": pattern(58, n), "null": pattern(57, n)}, images=False)
+    result = invoke("check", run, "--max-flip-rate", "0.2")
+    assert result.exit_code == 1, result.output
+    assert "flips on meaningless edits" in result.stdout and "null twin of hat: 57/64" in result.stdout
+    verdict = json.loads(invoke("check", run, "--max-flip-rate", "0.2", "--json").stdout)
+    assert verdict["failing"] == [] and verdict["null_checks"][0]["fails"]
+    # the same null at a rate under R passes
+    calm = write_run(tmp_path / "calm", {"hat": pattern(8, n), "null": pattern(8, n)}, images=False)
+    assert invoke("check", calm, "--max-flip-rate", "0.2").exit_code == 0

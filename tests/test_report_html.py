@@ -287,7 +287,8 @@ def test_report_in_a_real_browser_offline(hostile_run, planted_run, tmp_path):
     run, _ = planted_run
     facts = _browse(run / "report.html", tmp_path / "report-screenshot.png")
     _assert_clean(facts)
-    assert f"{PLANTED}:" in facts["text"] and "significantly more often than its null control" in facts["text"]
+    # the tiny judge is random: nothing is confirmed, and the verdict says what it counted
+    assert PLANTED in facts["text"] and "counting confirmed flips" in facts["text"]
     assert (tmp_path / "report-screenshot.png").stat().st_size > 50_000
     print(f"\nscreenshots: {tmp_path / 'report-screenshot.png'} {tmp_path / 'report-xss-screenshot.png'}")
 

@@ -21,9 +21,11 @@ from .stats import exact_lower_bound, holm_adjusted, rate_above_p, wilson_interv
 
 FAMILY_WISE_ERROR = 0.05
 RULE = ("an attribute fails when exact tests show its flip rate is above {r} and above its null control's "
-        "(the larger of the two one-sided p-values, Holm-adjusted over the {m} checked attribute(s), below {level})")
-GUARANTEE = ("if no checked attribute's true flip rate is above {r} (or above its null control's), this check fails "
-             "a run at most {pct}% of the time")
+        "(the larger of the two one-sided p-values); a null control fails when its own flip rate is shown above {r} "
+        "(the model flips on meaningless edits); Holm-adjusted over the {m} attribute(s) and {k} null control(s), "
+        "below {level}")
+GUARANTEE = ("if no checked attribute's true flip rate is above {r} (or above its null control's) and no null "
+             "control's is above {r}, this check fails a run at most {pct}% of the time")
 
 
 def validate_threshold(value) -> float:
@@ -80,7 +82,11 @@ def evaluate(report: dict, max_flip_rate, attributes=None, raw: bool = False) ->
     counts = [counted(a, raw) for a in rows]
     p_rate = [rate_above_p(c["flips"], c["n"], r) for c in counts]
     p_gate = [max(pr, c["p_value"]) for pr, c in zip(p_rate, counts)]
-    adjusted = holm_adjusted(p_gate)
+    nulls = null_checks(report, rows, r)
+    adjusted_all = holm_adjusted(p_gate + [c["p_above_r"] for c in nulls])
+    adjusted = adjusted_all[:len(p_gate)]
+    for c, adj in zip(nulls, adjusted_all[len(p_gate):]):
+        c.update(p_holm=adj, fails=bool(adj < FAMILY_WISE_ERROR))
     checked = []
     for a, c, pr, pg, adj in zip(rows, counts, p_rate, p_gate, adjusted):
         checked.append({
@@ -96,16 +102,34 @@ def evaluate(report: dict, max_flip_rate, attributes=None, raw: bool = False) ->
         null_counts.update(flips=null["confirmed_flips"], flip_rate=null["confirmed_rate"],
                            ci_low=null["confirmed_ci_low"], ci_high=null["confirmed_ci_high"])
     return {
-        "passed": not failing,
+        "passed": not failing and not any(c["fails"] for c in nulls),
         "counts": "every flip (--raw)" if raw else "confirmed flips",
+        "null_checks": nulls,
         "max_flip_rate": r,
-        "rule": RULE.format(r=f"{r:g}", m=len(checked), level=FAMILY_WISE_ERROR),
+        "rule": RULE.format(r=f"{r:g}", m=len(checked), k=len(nulls), level=FAMILY_WISE_ERROR),
         "guarantee": GUARANTEE.format(r=f"{r:g}", pct=round(100 * FAMILY_WISE_ERROR)),
         "failing": failing,
         "attributes": checked,
         "null": null_counts,
         "family_wise_error": FAMILY_WISE_ERROR,
     }
+
+
+def null_checks(report: dict, rows: list[dict], r: float) -> list[dict]:
+    """The null controls gated against R too: a model that flips on meaningless edits (a paraphrase of the
+    domain, as large as the attribute's edit) more often than R is not robust to any edit that large.
+    Each checked attribute's twin on its paired seeds (one seed, one outcome); joint mode's one null slot."""
+    joint = ((report.get("run") or {}).get("config") or {}).get("search", {}).get("mode") == "joint"
+    out = []
+    for a in rows[:1] if joint else rows:
+        table = a.get("pairs") or {}
+        n, flips = table.get("n", 0), table.get("both", 0) + table.get("null_only", 0)
+        if not n:
+            continue
+        out.append({"name": "null control" if joint else f"null twin of {a['name']}", "n": n, "flips": flips,
+                    "flip_rate": flips / n, "exact_lower_bound": exact_lower_bound(flips, n),
+                    "p_above_r": rate_above_p(flips, n, r)})
+    return out
 
 
 def check_run(run_dir, max_flip_rate, attributes=None, raw: bool = False) -> dict:
@@ -122,9 +146,14 @@ def _fmt(x, spec=".2f"):
 def check_text(result: dict) -> str:
     r = result["max_flip_rate"]
     lines = []
+    null_failing = [c for c in result.get("null_checks", []) if c["fails"]]
     if result["passed"]:
         lines.append(f"zoom check: PASS: no attribute is shown to flip the target more often than {r:g} and more often "
                      f"than its null control ({len(result['attributes'])} attribute(s) checked)")
+    elif not result["failing"]:
+        lines.append(f"zoom check: FAIL: the model flips on meaningless edits more often than {r:g}: the null control "
+                     "(a paraphrase of the domain prompt, as large as the attribute's edit) flips it on its own, so no "
+                     "edit that large is safe:")
     else:
         lines.append(f"zoom check: FAIL: {len(result['failing'])} attribute(s) flip the target more often than {r:g} "
                      "and more often than their null control:")
@@ -133,6 +162,11 @@ def check_text(result: dict) -> str:
                 lines.append(f"  {printable(c['name'])}: {c['flips']}/{c['n']} seeds flipped, flip rate {_fmt(c['flip_rate'])} "
                              f"(exact 95% lower bound {_fmt(c['exact_lower_bound'])} > {r:g}), null "
                              f"{_fmt(c['null_flip_rate'])} on the same seeds, Holm p = {format_p(c['p_holm'])}")
+    if null_failing and result["failing"]:
+        lines.append(f"and the model flips on meaningless edits (its null control alone) more often than {r:g}:")
+    for c in null_failing:
+        lines.append(f"  {printable(c['name'])}: {c['flips']}/{c['n']} seeds flipped, flip rate {_fmt(c['flip_rate'])} (exact 95% "
+                     f"lower bound {_fmt(c['exact_lower_bound'])} > {r:g}), Holm p = {format_p(c['p_holm'])}")
     lines.append("")
     rows = [("attribute", "flips/n", "flip rate [95% CI]", "lower bound", "null", "p > R", "p > null", "Holm p",
              "verdict")]

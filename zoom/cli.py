@@ -246,8 +246,11 @@ Examples:
 def check(run_dir, max_flip_rate, attributes, raw, as_json):
     """A pre-deployment gate: exit 1 (and say why) when an attribute's flip rate is too high, else 0.
 
-    When no checked attribute truly flips more often than R (or than its null control), the gate fails
-    a run at most 5% of the time, however many attributes are checked.
+    An attribute fails when its confirmed flip rate is shown above R and above its null control's; a null
+    control fails when its own flip rate is shown above R (the model flips on meaningless edits); a failed
+    item counts as a flip of its attribute. When no checked attribute truly flips more often than R (or
+    than its null control) and no null control more often than R, the gate fails a run at most 5% of the
+    time, however many attributes are checked.
     """
     import json
 

@@ -185,8 +185,11 @@ def search_block(out: Path, block: list[int], todo: list, edits, models: Models,
         # arms per pass (up to EVAL_IMAGES images); the other searches take one arm at a time.
         bracketed = s.mode == "single" and s.edit_space == "text"
         group = max(1, EVAL_IMAGES // len(block)) if bracketed else 1
-        for g in range(0, len(todo), group):
-            arms = todo[g:g + group]
+        # Groups are fixed chunks of every arm, not of the arms left to do: a resumed run batches each
+        # arm with the same others as the uninterrupted one, so its numbers round the same way.
+        arms_all = item_labels(edits, s.mode)
+        groups = [arms_all[g:g + group] for g in range(0, len(arms_all), group)]
+        for arms in [g for g in groups if any(arm in todo for arm in g)]:
             start = time.perf_counter()
             if bracketed:
                 outcomes = searcher.bracket_arms(base, [edits.edit(arm, block) for arm in arms], prompts.domain)
