@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -230,10 +231,16 @@ def confirm(attribute: list[dict], null: list[dict], prompt: str, name: str) -> 
         return (r.get("judge_change_toward") or {}).get(prompt)
 
     scores = {r["seed"]: toward(r) for r in null if _is_ok(r) and toward(r) is not None}
+    ranked = sorted(scores.values())  # sorted once: a seed's leave-one-out order statistic is read off it
 
     def threshold(seed) -> float:
-        others = sorted(v for s, v in scores.items() if s != seed)
-        return max(0.0, others[_order_statistic(len(others)) - 1]) if others else 0.0
+        m = len(ranked) - (seed in scores)
+        if not m:
+            return 0.0
+        k = _order_statistic(m) - 1  # 0-based, among the other seeds' scores
+        if seed in scores and k >= bisect.bisect_left(ranked, scores[seed]):
+            k += 1  # the seed's own score sits at or before position k: step over it
+        return max(0.0, ranked[k])
 
     def narrowed(r, change, oracle) -> dict:
         confirmed = bool(_is_ok(r) and r["flipped"] and change is not None and change > threshold(r["seed"])
@@ -268,8 +275,8 @@ def _test(raw_tables: list[dict], confirmed_tables: list[dict] | None = None,
     intersection-union test, the largest of three: the raw paired p (the attribute flips the target more
     often than its null), the confirmed paired p (so do its confirmed flips) and the confirmation p (its
     flips move the judge toward the attribute further than its null twins' edits do). So an attribute the
-    judge sees that flips no more often than the null is not called, nor is one whose extra flips show no attribute; whichever of the three
-    hypotheses holds, the error rate stays at the level."""
+    judge sees that flips no more often than the null is not called, nor is one whose extra flips show no
+    attribute; whichever of the three hypotheses holds, the error rate stays at the level."""
     ps = [float("nan") if p is None else p for p in _paired_p(raw_tables)]
     if confirmed_tables is not None:
         ps = [max(p, float("nan") if c is None else c, v)
@@ -352,8 +359,7 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         "test": "on the seeds where the attribute and its null control both finished, exact one-sided McNemar tests "
                 "of flips (raw_p_value) and of confirmed flips (confirmed_p_value), and a one-sided Mann-Whitney test of "
                 "the judge's move toward the attribute in its flips against the null twins' (confirmation_p_value); "
-                "p_value is the "
-                "largest of the three (intersection-union), Benjamini-Hochberg over attributes",
+                "p_value is the largest of the three (intersection-union), Benjamini-Hochberg over attributes",
         "confirmation": f"a flip is confirmed when the judge CLIP moves toward the attribute's text by more than "
                         f"{CONFIRM_QUANTILE:.0%} of the null twins' moves toward it on the other seeds, and the "
                         "attribute's oracle (where configured) sees it",
