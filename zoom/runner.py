@@ -253,7 +253,6 @@ class _ItemWriter:
             total = outcome.alpha.abs().sum(-1).clamp_min(1e-12)
             share = (outcome.alpha[:, k].abs() / total).tolist()
             credited = [credit(row, seed) == k for row, seed in zip(outcome.alpha, block)]
-        sign = torch.ones_like(alpha)  # edits go toward their prompt (alpha >= 0)
         change = self.judge_change(outcome.images, judged) if judged is not None else None
         baselines = {p: self.judge_change(outcome.images, p) for p in twin_of} if twin_of else None
         reach_alpha = outcome.reach[:, k] if outcome.reach is not None else alpha.abs()
@@ -295,8 +294,9 @@ class _ItemWriter:
                 "reach": _finite(max(reach, strength), 6),
                 "base_prob": _finite(base.prob[i]),
                 "final_prob": _finite(outcome.final_prob[i]),
-                "validity": None if change is None or change[i] is None else bool(float(sign[i]) * change[i] > 0),
-                "validity_score": None if change is None else _finite(float(sign[i]) * change[i]),
+                # edits go toward their prompt (alpha >= 0): valid when the judge moved toward it too
+                "validity": None if change is None or change[i] is None else bool(change[i] > 0),
+                "validity_score": None if change is None else _finite(change[i]),
                 "judge_change": None if change is None else _finite(change[i]),
                 "base_image": self.base_paths[i],
                 "counterfactual_image": path,
@@ -326,8 +326,8 @@ class _ItemWriter:
 
 
 def credit(alpha_row: torch.Tensor, seed: int) -> int:
-    """Joint mode: the direction a flip is credited to, the one with the largest weight; weights
-    equal to 1e-6 (a flip at the start, directions clamped at alpha_max) are a tie drawn with the seed."""
+    """Joint mode: the direction a flip is credited to, the one with the largest weight; weights within
+    1e-6 of it (a flip at the start, directions clamped at alpha_max) are a tie drawn with the seed."""
     from .search import tie_break
 
     weights = alpha_row.abs()
