@@ -222,6 +222,47 @@ def test_compare_pairs_runs_on_the_same_seeds(tmp_path):
     assert "paired by seed" in invoke("compare", a, b).stdout
 
 
+def test_compare_pairs_the_common_seeds_when_samples_differ(tmp_path):
+    """Same first seed, 32 vs 48 seeds: paired on the 32 both drew, and the warning says what was left out."""
+    before = pattern(20, 32)
+    after = [f and i % 3 != 0 for i, f in enumerate(before)] + pattern(2, 16)
+    a = write_run(tmp_path / "a", {"hat": before, "null": pattern(4, 32)}, images=False)
+    b = write_run(tmp_path / "b", {"hat": after, "null": pattern(4, 32) + pattern(1, 16)}, images=False)
+    data = json.loads(invoke("compare", a, b, "--json").stdout)
+    assert data["paired"] is True
+    hat = data["attributes"][0]
+    assert hat["pairs"]["n"] == 32 and hat["pairs"]["b_only"] == 0
+    assert hat["pairs"]["a_only"] == sum(x and not y for x, y in zip(before, after))
+    assert any("paired on the 32 seeds both runs drew (0-31)" in w and "run B's other 16 seeds" in w
+               for w in data["warnings"])
+    assert data["null"]["a"]["seeds"] == data["null"]["b"]["seeds"] == 32  # the null row is paired on them too
+    assert data["null"]["p_value"] == 1.0  # identical per-seed shares on the common seeds
+
+
+def test_compare_null_row_of_a_single_and_a_joint_run_says_why_it_has_no_test(tmp_path):
+    n = 16
+    a = write_run(tmp_path / "single", {"hat": pattern(4, n), "null": pattern(2, n)}, images=False)
+    b = write_run(tmp_path / "joint", {"hat": pattern(4, n), "null": pattern(2, n)}, mode="joint", images=False)
+    data = json.loads(invoke("compare", a, b, "--json").stdout)
+    assert data["null"]["p_value"] is None and "joint mode" in data["null"]["no_test"]
+    assert "measure different things" in invoke("compare", a, b).stdout
+
+
+def test_pooled_null_row_interval_takes_the_seed_as_unit(tmp_path):
+    """Four twins per seed that flip together on 4 of 32 seeds: as wide as 4 flips in 32 seeds, not 16 in 128."""
+    from zoom.stats import wilson_interval
+
+    together = pattern(4, 32)
+    run = write_run(tmp_path / "run", {name: pattern(8, 32) for name in ("a", "b", "c", "d")} | {"null": together},
+                    images=False)
+    invoke("report", run)
+    null = json.loads((run / "report.json").read_text())["null"]
+    assert (null["flips"], null["n"], null["seeds"]) == (16, 128, 32)
+    low, high = wilson_interval(16, 128)
+    assert null["ci_high"] - null["ci_low"] > 1.5 * (high - low)
+    assert null["effective_n"] < 40
+
+
 def test_compare_refuses_different_prompts_or_generator(tmp_path):
     n = 8
     base = write_run(tmp_path / "base", {"hat": pattern(2, n), "null": pattern(2, n)}, images=False)

@@ -4,10 +4,16 @@ Per attribute: both flip rates with their Wilson intervals, the difference B - A
 an exact two-sided test of equal rates, and Benjamini-Hochberg q-values across the attributes. The
 null control is compared too, as a reference outside the BH family.
 
-When both runs drew the same seeds (same first seed and count, same generator), an attribute's items
-are paired by seed: the test is an exact McNemar test on the seeds where both runs finished, and the
-interval Newcombe's paired score interval. Otherwise the runs are unpaired samples: Fisher's exact
-test and Newcombe's hybrid score interval.
+When one run's seeds are all among the other's (same first seed; --samples may differ), an
+attribute's items are paired by seed on the seeds both drew: the test is an exact McNemar test on the
+seeds where both runs finished, and the interval Newcombe's paired score interval. Otherwise the runs
+are unpaired samples: Fisher's exact test and Newcombe's hybrid score interval.
+
+The null row pools K null twins per seed (one per attribute), which share the seed's image: there the
+seed is the unit. Its test is a permutation test of the per-seed flip shares (seeds exchanged between
+the runs, or each seed's two shares swapped when paired) and its interval combines the two runs' seed-
+clustered intervals. A single-mode run's null (a twin per attribute) and a joint-mode run's (one slot
+competing with the attributes) measure different things: that row is shown without a test.
 
 Two runs are comparable when they audit the same prompts (domain, attributes, null) with the same
 generator; the target, the number of seeds, the precision or the hardware may differ. Differences in
@@ -21,9 +27,9 @@ from pathlib import Path
 
 from .errors import ZoomError, printable
 from .prompts import NULL_NAME
-from .report.aggregate import SIGNIFICANCE, format_p
-from .stats import (bh_qvalues, difference_interval, mcnemar_two_sided_p, paired_difference_interval,
-                    two_sided_exact_p)
+from .report.aggregate import SIGNIFICANCE, format_p, seed_shares
+from .stats import (bh_qvalues, clustered_rate_interval, difference_interval, interval_difference,
+                    mcnemar_two_sided_p, paired_difference_interval, seed_permutation_p, two_sided_exact_p)
 
 SCHEMA_VERSION = 1
 # generator keys that change memory or speed but not a single image
@@ -120,9 +126,45 @@ def _paired_table(records_a: list[dict], records_b: list[dict]) -> dict:
     return table
 
 
-def same_seeds(report_a: dict, report_b: dict) -> bool:
-    sa, sb = ((r["run"].get("config") or {}).get("search") or {} for r in (report_a, report_b))
-    return sa.get("seed") == sb.get("seed") and sa.get("samples") == sb.get("samples") and sa.get("seed") is not None
+def drawn_seeds(report: dict) -> set[int]:
+    search = (report["run"].get("config") or {}).get("search") or {}
+    if not isinstance(search.get("seed"), int) or not isinstance(search.get("samples"), int):
+        return set()
+    return set(range(search["seed"], search["seed"] + search["samples"]))
+
+
+def _null_row(report_a: dict, report_b: dict, records_a: list[dict], records_b: list[dict], common) -> dict:
+    """The null control in both runs with the seed as the unit (see the module docstring); common: the
+    seeds to pair on, or None for unpaired runs."""
+    mode_a, mode_b = ((r["run"].get("config") or {}).get("search", {}).get("mode") for r in (report_a, report_b))
+    shares_a = seed_shares([r for r in records_a if r["attribute"] == NULL_NAME])
+    shares_b = seed_shares([r for r in records_b if r["attribute"] == NULL_NAME])
+    if common is not None:
+        both = sorted(set(shares_a) & set(shares_b) & common)
+        shares_a, shares_b = {s: shares_a[s] for s in both}, {s: shares_b[s] for s in both}
+
+    def side(shares):
+        flips, n = sum(f for f, _ in shares.values()), sum(m for _, m in shares.values())
+        low, high, _ = clustered_rate_interval([f for f, _ in shares.values()], [m for _, m in shares.values()])
+        return {"n": n, "seeds": len(shares), "flips": flips, "flip_rate": flips / n if n else None,
+                "ci_low": _nan_to_none(low), "ci_high": _nan_to_none(high)}
+
+    a, b = side(shares_a), side(shares_b)
+    row = {"name": NULL_NAME, "prompt": report_a["null"].get("prompt"), "a": a, "b": b, "difference": None,
+           "diff_ci_low": None, "diff_ci_high": None, "p_value": None, "unit": "seed"}
+    if (mode_a == "joint") != (mode_b == "joint"):
+        row["no_test"] = (f"the null rows are not compared: run {'A' if mode_a == 'joint' else 'B'} searched in joint "
+                          "mode (one null slot that competes with the attributes for each flip) and the other in "
+                          f"{mode_b if mode_a == 'joint' else mode_a} mode (a null twin per attribute); "
+                          "their null rows measure different things")
+        return row
+    if not a["n"] or not b["n"]:
+        return row
+    low, high = interval_difference(b["flip_rate"], (b["ci_low"], b["ci_high"]), a["flip_rate"], (a["ci_low"], a["ci_high"]))
+    share = {name: [f / m for f, m in shares.values()] for name, shares in (("a", shares_a), ("b", shares_b))}
+    row.update(difference=b["flip_rate"] - a["flip_rate"], diff_ci_low=low, diff_ci_high=high,
+               p_value=_nan_to_none(seed_permutation_p(share["b"], share["a"], paired=common is not None)))
+    return row
 
 
 def _describe(report: dict, path) -> dict:
@@ -132,15 +174,23 @@ def _describe(report: dict, path) -> dict:
             "precision": report["run"].get("precision"), "end_time": report["run"].get("end_time")}
 
 
-def compare_reports(report_a: dict, report_b: dict, path_a="A", path_b="B", records_a=None, records_b=None) -> dict:
-    """The comparison of two reports (ZoomError when their prompts or generator differ). With both
-    runs' records and the same seeds, items are paired by seed."""
+def compare_reports(report_a: dict, report_b: dict, records_a: list[dict], records_b: list[dict],
+                    path_a="A", path_b="B", *, pair: bool = True) -> dict:
+    """The comparison of two reports and their records (ZoomError when their prompts or generator
+    differ). Items are paired by seed when one run's seeds are all among the other's (pair=False treats
+    the runs as independent samples whatever their seeds)."""
     refuse, warnings = comparability(report_a, report_b)
     if refuse:
         raise ZoomError(f"cannot compare {str(path_a)!r} with {str(path_b)!r}: they differ in "
                         f"{'; '.join(refuse[:3])}{' …' if len(refuse) > 3 else ''}. compare needs runs of the same "
                         "prompt set and generator (the target, seeds and hardware may differ)")
-    paired = records_a is not None and records_b is not None and same_seeds(report_a, report_b)
+    seeds_a, seeds_b = drawn_seeds(report_a), drawn_seeds(report_b)
+    common = seeds_a & seeds_b
+    paired = pair and bool(common) and common in (seeds_a, seeds_b)
+    if paired and seeds_a != seeds_b:
+        longer, extra = ("A", len(seeds_a - common)) if len(seeds_a) > len(seeds_b) else ("B", len(seeds_b - common))
+        warnings.append(f"paired on the {len(common)} seeds both runs drew ({min(common)}-{max(common)}); "
+                        f"run {longer}'s other {extra} seeds are left out of the tests")
 
     def table(name):
         if not paired:
@@ -155,22 +205,24 @@ def compare_reports(report_a: dict, report_b: dict, path_a="A", path_b="B", reco
     if missing:
         warnings.append(f"no finished items in one of the runs for: {', '.join(missing)}")
     if not paired:
-        warnings.append("unpaired: the runs drew different seeds (or records were not given), so each run's seeds are "
-                        "treated as an independent sample; the same --samples and search.seed give a paired, "
-                        "more powerful comparison")
+        warnings.append("unpaired: neither run's seeds are all among the other's, so each run's seeds are treated as "
+                        "an independent sample; the same search.seed gives a paired, more powerful comparison")
     qs = bh_qvalues([r["p_value"] if r["p_value"] is not None else float("nan") for r in rows])
     for r, q in zip(rows, qs):
         r["q_value"] = _nan_to_none(q)
         r["significant"] = bool(r["q_value"] is not None and r["q_value"] < SIGNIFICANCE)
     rows.sort(key=lambda r: (r["p_value"] if r["p_value"] is not None else 2, -abs(r["difference"] or 0), r["name"]))
-    null = _row(NULL_NAME, report_a["null"].get("prompt"), report_a["null"], report_b["null"], table(NULL_NAME))
+    null = _null_row(report_a, report_b, records_a, records_b, common if paired else None)
+    if null.get("no_test"):
+        warnings.append(null["no_test"])
     return {
         "schema_version": SCHEMA_VERSION,
         "significance_level": SIGNIFICANCE,
         "difference": "B - A",
         "paired": paired,
         "test": ("exact two-sided McNemar test on seeds both runs finished; Newcombe's paired score interval"
-                 if paired else "two-sided Fisher exact test (unpaired); Newcombe's hybrid score interval"),
+                 if paired else "two-sided Fisher exact test (unpaired); Newcombe's hybrid score interval")
+                + "; null row (K twins per seed): permutation test of per-seed flip shares, seed-clustered intervals",
         "run_a": _describe(report_a, path_a),
         "run_b": _describe(report_b, path_b),
         "domain": ((report_a["run"].get("config") or {}).get("prompts") or {}).get("domain"),
@@ -187,7 +239,7 @@ def compare_runs(run_a, run_b) -> dict:
     if Path(run_a).resolve() == Path(run_b).resolve():
         raise ZoomError(f"compare needs two different run directories; got {str(run_a)!r} twice")
     loaded_a, loaded_b = load_run(run_a), load_run(run_b)
-    return compare_reports(aggregate(*loaded_a), aggregate(*loaded_b), run_a, run_b, loaded_a[0], loaded_b[0])
+    return compare_reports(aggregate(*loaded_a), aggregate(*loaded_b), loaded_a[0], loaded_b[0], run_a, run_b)
 
 
 def _fmt(x, spec=".2f"):

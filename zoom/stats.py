@@ -14,6 +14,12 @@ test and Newcombe's hybrid score interval).
 `zoom check`: an intersection-union test per attribute (rate > R *and* > null), Holm across the
 checked attributes.
 
+The pooled null row (K twins per seed, which share the seed's image and are not independent):
+the seed is the unit. Its interval is Korn and Graubard's: Clopper-Pearson at the effective
+sample size (the number of items over the design effect measured between seeds, shrunk for the
+seeds' degrees of freedom). `zoom compare` tests two runs' null rows with a permutation test of the
+per-seed flip shares.
+
 Strength to flip: Kaplan-Meier quantiles with unflipped seeds right-censored (scipy.stats.ecdf).
 """
 
@@ -141,6 +147,58 @@ def two_sided_exact_p(flips_1: int, n_1: int, flips_2: int, n_2: int) -> float:
         return NAN
     table = [[flips_1, n_1 - flips_1], [flips_2, n_2 - flips_2]]
     return float(stats.fisher_exact(table, alternative="two-sided").pvalue)
+
+
+def clustered_rate_interval(flips_per_seed: list[int], items_per_seed: list[int],
+                            confidence: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, effective n) for the pooled flip rate of items clustered in seeds (Korn & Graubard
+    1998): the variance of the ratio estimate between seeds gives a design effect, clamped to
+    [1, largest cluster], with which n items count as n / deff; that effective n is shrunk by (z / t)^2
+    with t on seeds - 1 degrees of freedom, and the interval is Clopper-Pearson's at it (beta quantiles,
+    which take non-integer counts). With no flip (or all) the design effect cannot be measured and the
+    largest one is used, so the interval is as wide as if each seed counted once."""
+    seeds = len(flips_per_seed)
+    total = float(sum(items_per_seed))
+    if seeds == 0 or total == 0:
+        return NAN, NAN, 0.0
+    rate = sum(flips_per_seed) / total
+    largest = float(max(items_per_seed))
+    if 0.0 < rate < 1.0 and seeds > 1:
+        between = seeds / (seeds - 1) * sum((f - rate * m) ** 2 for f, m in zip(flips_per_seed, items_per_seed))
+        deff = min(max(between / total ** 2 / (rate * (1 - rate) / total), 1.0), largest)
+    else:
+        deff = largest
+    alpha = 1 - confidence
+    shrink = (stats.norm.ppf(1 - alpha / 2) / stats.t.ppf(1 - alpha / 2, seeds - 1)) ** 2 if seeds > 1 else 1.0
+    n = total / deff * shrink
+    k = rate * n
+    low = 0.0 if k <= 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k >= n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high, n
+
+
+def seed_permutation_p(shares_1: list[float], shares_2: list[float], paired: bool) -> float:
+    """Two-sided permutation p-value for equal mean per-seed flip shares: seeds exchanged between the
+    runs (independent) or each seed's two shares swapped (paired, same seeds in the same order).
+    9999 resamples from a fixed generator, so a report is reproducible."""
+    import numpy as np
+
+    if not shares_1 or not shares_2:
+        return NAN
+    if len(set(shares_1) | set(shares_2)) == 1:
+        return 1.0
+    result = stats.permutation_test(
+        (np.asarray(shares_1, float), np.asarray(shares_2, float)),
+        lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis), vectorized=True,
+        permutation_type="samples" if paired else "independent", n_resamples=9999, alternative="two-sided",
+        rng=np.random.default_rng(0))
+    return float(result.pvalue)
+
+
+def interval_difference(rate_1: float, ci_1: tuple, rate_2: float, ci_2: tuple) -> tuple[float, float]:
+    """Newcombe's square-and-add combination of two rates' own intervals into one for rate_1 - rate_2
+    (independent; for paired rates it is conservative)."""
+    return _newcombe(rate_1, rate_2, ci_1, ci_2, 0.0)
 
 
 def censored_quantiles(flipped: list[float], censored: list[float], probs=(0.25, 0.5, 0.75)) -> list[float | None]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import ZoomError, printable
 from ..rundir import atomic_write, load_run
 from ..prompts import NULL_NAME
-from ..stats import bh_qvalues, censored_quantiles, mcnemar_greater_p, wilson_interval
+from ..stats import bh_qvalues, censored_quantiles, clustered_rate_interval, mcnemar_greater_p, wilson_interval
 
 SCHEMA_VERSION = 1
 SIGNIFICANCE = 0.05  # BH false discovery rate at which an attribute is called significant
@@ -83,6 +83,27 @@ def _counts(records: list[dict]) -> dict:
     if curves is not None:
         out["dose_response"] = curves
     return out
+
+
+def seed_shares(records: list[dict]) -> dict:
+    """Per seed, (flips, finished items) of an arm with several items per seed (the pooled null row)."""
+    by_seed = defaultdict(lambda: [0, 0])
+    for r in records:
+        if _is_ok(r):
+            by_seed[r["seed"]][0] += bool(r["flipped"])
+            by_seed[r["seed"]][1] += 1
+    return dict(by_seed)
+
+
+def _seed_clustered(records: list[dict]) -> dict:
+    """The pooled null row's interval with the seed as the unit: a seed's K null twins share its base
+    image, so they are not K independent draws (a Wilson interval over them covers 82% / 57% at
+    K = 4 / 10 when seeds differ)."""
+    by_seed = seed_shares(records)
+    if not by_seed:
+        return {}
+    low, high, effective = clustered_rate_interval([f for f, _ in by_seed.values()], [m for _, m in by_seed.values()])
+    return {"seeds": len(by_seed), "effective_n": _num(effective), "ci_low": _num(low), "ci_high": _num(high)}
 
 
 def _flip_point(r: dict) -> float:
@@ -296,7 +317,8 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
     null_prompts = prompts_config.get("null")
     null_label = (" | ".join(null_prompts) if isinstance(null_prompts, list) else null_prompts) or \
         (null_records[0]["prompt"] if null_records else None)
-    null = {"name": NULL_NAME, "prompt": null_label, **_counts(null_records), "per_class": _per_class(null_records)}
+    null = {"name": NULL_NAME, "prompt": null_label, **_counts(null_records), **_seed_clustered(null_records),
+            "per_class": _per_class(null_records)}
 
     prompts = {a["name"]: a["prompt"] for a in prompts_config["attributes"]}
     attributes, tables, raw_tables, matched, confirmed_nulls = [], [], [], [], {}
@@ -330,9 +352,11 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
     attributes.sort(key=lambda a: (-(a["confirmed_rate"] or 0), a["p_value"] if a["p_value"] is not None else 2,
                                    -(a["flip_rate"] or 0), a["name"]))
     if null_records:
-        counts = _counts(list(confirmed_nulls.values()) or [{**r, "flipped": False} for r in null_records])
+        confirmed_null_records = list(confirmed_nulls.values()) or [{**r, "flipped": False} for r in null_records]
+        counts, clustered = _counts(confirmed_null_records), _seed_clustered(confirmed_null_records)
         null.update(confirmed_flips=counts["flips"], confirmed_rate=counts["flip_rate"],
-                    confirmed_ci_low=counts["ci_low"], confirmed_ci_high=counts["ci_high"])
+                    confirmed_ci_low=clustered.get("ci_low", counts["ci_low"]),
+                    confirmed_ci_high=clustered.get("ci_high", counts["ci_high"]))
 
     ok = [r for r in records if _is_ok(r)]
     cost = {
