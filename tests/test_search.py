@@ -21,7 +21,8 @@ from zoom.targets import make_criterion
 
 
 class LineGenerator:
-    """Images whose pixels all equal <cond - E(domain), unit> (alpha along a unit direction)."""
+    """Images whose first two channels equal <cond - E(domain), unit> (alpha along a unit direction)
+    and whose third carries the seed, so the target knows whose boundary to apply in any batch."""
 
     steps = 1
     loop_decoder = None
@@ -42,29 +43,30 @@ class LineGenerator:
     def sample_latents(self, seeds, cond, delta=None):
         value = ((cond - self.domain) * self.unit).sum((1, 2))
         self.evaluated += value.detach().tolist()
-        latents = value.view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
-        return latents + (delta if delta is not None else 0)
+        latents = value.view(-1, 1, 1, 1).expand(-1, 1, 2, 2) + (delta if delta is not None else 0)
+        seed = torch.tensor(seeds, dtype=latents.dtype).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+        return torch.cat([latents, seed], dim=1)
 
     def decode(self, latents, in_loop=False):
-        return latents.expand(-1, 3, -1, -1)
+        return torch.cat([latents[:, :1], latents[:, :1], latents[:, 1:]], dim=1)
 
 
 class Boundaries(torch.nn.Module):
-    """Two classes; seed i's image flips to class 1 for pixel values inside its (low, high) band."""
+    """Two classes; seed s's image flips to class 1 for values inside its (low[s], high[s]) band."""
 
     def __init__(self, low, high):
         super().__init__()
         self.low, self.high = torch.tensor(low), torch.tensor(high)
 
     def forward(self, images):
-        v = images.mean((1, 2, 3))
-        inside = torch.minimum(v - self.low[: len(v)], self.high[: len(v)] - v)
+        v, seed = images[:, 0].mean((1, 2)), images[:, 2, 0, 0].round().long()
+        inside = torch.minimum(v - self.low[seed], self.high[seed] - v)
         return torch.stack([torch.zeros_like(v), 50 * inside], dim=1)
 
 
 class Guide:
     def embed_images(self, images):
-        return torch.cat([images.mean((1, 2, 3))[:, None], torch.ones(len(images), 1)], dim=1)
+        return torch.cat([images[:, 0].mean((1, 2))[:, None], torch.ones(len(images), 1)], dim=1)
 
 
 def searcher(low, high, **search):
@@ -101,6 +103,21 @@ def test_a_flip_that_comes_back_counts_at_its_first_flip_and_is_marked_non_monot
     assert outcome.flipped == [True, True]
     assert outcome.monotone == [False, True]  # seed 0 flips at 0.5 and is back by 0.75
     assert 0.4 < float(outcome.alpha[0, 0]) <= 0.41
+
+
+def test_a_narrow_band_between_grid_points_is_found_where_the_margin_dips():
+    """Seed 0 flips only inside (0.42, 0.45), between the grid points 0.25 and 0.5: the grid's margin
+    is smallest at 0.5, the probes around it find the band. Seed 1 never comes halfway to a boundary
+    (it flips only at alpha < 0): no probes, the grid's four evaluations only."""
+    generator, s = searcher([0.42, -0.6], [0.45, -0.1], tolerance=0.01, grid_points=4)
+    base = s.base([0, 1], "domain")
+    outcome = s.bracket_search(base, line_edit(generator, 2), "domain")
+    assert outcome.flipped == [True, False]
+    assert outcome.monotone[0] is False
+    low, strength = float(outcome.low[0, 0]), float(outcome.alpha[0, 0])
+    assert low <= 0.42 < strength <= low + 0.01
+    assert outcome.steps[1] == s.cfg.grid_points
+    assert min(generator.evaluated) >= 0.0 and max(generator.evaluated) <= 1.0
 
 
 def test_the_sweep_grid_starts_at_zero():

@@ -7,9 +7,11 @@ the attribute's own caption; an edit never goes *away* from its attribute), plus
 `latent` / `both`) a residual `delta` on the initial noise with |delta| <= delta_max |noise|.
 
 - `bracket` (single mode, text edits: one degree of freedom): forward passes only. The target on a
-  coarse grid of alpha in (0, alpha_max], batched over seeds, then bisection between the last grid
-  point that keeps the decision and the first that flips, to `tolerance`. The strength is the
-  smallest flipping alpha found, and the flip lies in (low, strength].
+  coarse grid of alpha in (0, alpha_max], batched over seeds; a seed the grid brought at least
+  halfway to its decision boundary without a flip is probed around its closest grid point (step
+  halved each round, REFINE_ROUNDS rounds), since a flip can hide in a band narrower than the grid;
+  then bisection between the last point that keeps the decision and the first that flips, to
+  `tolerance`. The strength is the smallest flipping alpha found, and the flip lies in (low, strength].
 - `optimise` (joint mode; latent and both edit spaces): Adam on alpha/delta only (every model is
   frozen) minimising
       relu(margin + kappa) + lambda_clip * directional CLIP loss + lambda_alpha * |alpha|_1
@@ -33,6 +35,8 @@ import torch
 from .guide import directional_loss
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+REFINE_ROUNDS = 3  # bracket: probe rounds around the closest grid point (2 probes each, step halved)
+REFINE_SHARE = 0.5  # ... for seeds whose grid margin fell to at most this share of the base margin
 ALPHA_INIT = 0.05  # start off zero: the directional loss is undefined at zero change
 DELTA_INIT = 1e-3  # relative norm of the initial latent residual
 
@@ -48,6 +52,7 @@ class Base:
     guide_emb: torch.Tensor  # [B, D] guide CLIP embedding
     noise_norm: torch.Tensor  # [B] norm of the initial noise (unit of the latent residual)
     loop_pred: torch.Tensor  # [B] base decision on the loop decoder's image (= pred without one)
+    margin: torch.Tensor  # [B] the target's margin for its base decision on the base image
 
 
 @dataclass
@@ -221,7 +226,40 @@ class Searcher:
                 if value == grid[-1]:
                     final_pred[i], final_prob[i], images_out[i] = int(pred[i]), float(prob[i]), images[i]
         evaluations = [len(grid)] * B
-        # 2. Bisection inside each flipped seed's first flipping interval (low, high].
+        # 2. A seed whose grid came at least halfway to the boundary without crossing it is probed
+        # around its closest point, the step halved each round: a flip confined to a band narrower than
+        # the grid's spacing hides near where the margin dips. Null twins get the same probes.
+        kept = [[value for value in grid if value <= low[i]] for i in range(B)]
+        step = self.cfg.alpha_max / len(grid) / 2
+        for _ in range(REFINE_ROUNDS):
+            idx = [i for i in range(B) if not flipped[i] and status[i] == "ok"
+                   and min_margin[i] <= REFINE_SHARE * float(base.margin[i])]
+            probes = [(i, a) for i in idx for a in (start[i] - step, start[i] + step) if 0 < a <= self.cfg.alpha_max]
+            if not probes:
+                break
+            rows = torch.tensor([i for i, _ in probes], device=self.device)
+            images, logits = self._evaluate([base.seeds[i] for i, _ in probes], edit.take(rows), embeds,
+                                            torch.tensor([a for _, a in probes], device=self.device)[:, None] * one_hot)
+            margin = self.criterion.margin(logits, base.pred[rows])
+            pred = self.criterion.decision(logits)
+            prob = self.criterion.base_prob(logits, base.pred[rows])
+            for j, (i, a) in enumerate(probes):
+                evaluations[i] += 1
+                m = float(margin[j])
+                if not math.isfinite(m):
+                    status[i] = "failed: non-finite target output"
+                elif m < 0 and (not flipped[i] or a < high[i]):
+                    flipped[i], high[i], monotone[i] = True, a, False  # the grid above it kept the decision
+                    final_pred[i], final_prob[i], images_out[i] = int(pred[j]), float(prob[j]), images[j]
+                elif m >= 0:
+                    kept[i].append(a)
+                    if m < min_margin[i]:
+                        min_margin[i], start[i] = m, a
+            for i in idx:
+                if flipped[i]:
+                    low[i] = max([a for a in kept[i] if a < high[i]], default=0.0)
+            step /= 2
+        # 3. Bisection inside each flipped seed's first flipping interval (low, high].
         for _ in range(self.bisections()):
             idx = [i for i in range(B) if flipped[i] and status[i] == "ok" and high[i] - low[i] > self.cfg.tolerance]
             if not idx:
@@ -256,7 +294,7 @@ class Searcher:
             return [self.bracket_search(base, edits[0], domain)]
         stacked = Base(base.seeds * n, *(t.repeat(n, *([1] * (t.dim() - 1))) for t in
                                          (base.images, base.pred, base.prob, base.guide_emb, base.noise_norm,
-                                          base.loop_pred)))
+                                          base.loop_pred, base.margin)))
         per_sample = [e if e.per_sample else Edit(e.names, e.directions.expand(B, -1, -1, -1),
                                                   e.text_dirs.expand(B, -1, -1)) for e in edits]
         edit = Edit(edits[0].names, torch.cat([e.directions for e in per_sample]),
@@ -282,6 +320,7 @@ class Searcher:
             logits = self.target(images).float()
             pred = self.criterion.decision(logits)
             prob = self.criterion.base_prob(logits, pred)
+            margin = self.criterion.margin(logits, pred)
             # The CLIP change is measured between images from the same decoder as in the loop.
             loop_pred = pred
             loop_images = images
@@ -290,7 +329,7 @@ class Searcher:
                 loop_pred = self.criterion.decision(self.target(loop_images).float())
             guide_emb = self.guide.embed_images(loop_images).float()
             noise_norm = self.generator.initial_noise(seeds).flatten(1).norm(dim=1)
-        return Base(list(seeds), images, pred, prob, guide_emb, noise_norm, loop_pred)
+        return Base(list(seeds), images, pred, prob, guide_emb, noise_norm, loop_pred, margin)
 
     # -----------------------------------------------------------------------------------------
     def objective(self, base: Base, idx: torch.Tensor, edit: Edit, embeds, alpha, delta, use_text=True):
