@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import ZoomError, printable
+from .errors import ZoomError, printable, shown
 from .report.aggregate import build_report, format_p
 from .stats import exact_lower_bound, holm_adjusted, rate_above_p, wilson_interval
 
@@ -32,7 +32,7 @@ def validate_threshold(value) -> float:
     try:
         r = float(value)
     except (TypeError, ValueError):
-        raise ZoomError(f"--max-flip-rate must be a number between 0 and 1 (a share of seeds, e.g. 0.2), got {value!r}") from None
+        raise ZoomError(f"--max-flip-rate must be a number between 0 and 1 (a share of seeds, e.g. 0.2), got {shown(value)}") from None
     if math.isnan(r) or not 0.0 <= r <= 1.0:
         raise ZoomError(f"--max-flip-rate must be between 0 and 1 (a share of seeds, e.g. 0.2), got {value}")
     return r
@@ -68,16 +68,16 @@ def evaluate(report: dict, max_flip_rate, attributes=None, raw: bool = False) ->
     if attributes:
         unknown = [name for name in attributes if name not in known]
         if unknown:
-            raise ZoomError(f"--attribute {unknown[0]!r} is not an attribute of this run; "
+            raise ZoomError(f"--attribute {shown(unknown[0])} is not an attribute of this run; "
                             f"its attributes are: {', '.join(map(repr, known))}")
         rows = [a for a in rows if a["name"] in set(attributes)]
     empty = [a["name"] for a in rows if not counted(a)["n"]]
     if empty:
-        raise ZoomError(f"attribute {empty[0]!r} has no finished items (all skipped), so the check cannot "
+        raise ZoomError(f"attribute {shown(empty[0])} has no finished items (all skipped), so the check cannot "
                         "judge it; rerun the audit or leave it out with --attribute")
     untestable = [a["name"] for a in rows if a.get("p_value") is None]
     if untestable:
-        raise ZoomError(f"attribute {untestable[0]!r} is untestable: its null control finished on none of its seeds "
+        raise ZoomError(f"attribute {shown(untestable[0])} is untestable: its null control finished on none of its seeds "
                         "(see the failed records for why); rerun the audit or leave it out with --attribute")
     counts = [counted(a, raw) for a in rows]
     p_rate = [rate_above_p(c["flips"], c["n"], r) for c in counts]

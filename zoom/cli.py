@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ZoomError, printable
+from .errors import ZoomError, one_line, printable, shown_path
 
 RANDOM_NOTICE = ("NOTE: this run's models are tiny and RANDOMLY initialised; every number below is meaningless. "
                  "They exist to test the machinery; `zoom demo` audits a trained model.")
@@ -36,7 +36,7 @@ class ZoomGroup(click.Group):
             return super().main(*args, **kwargs)
         except ZoomError as e:
             if _is_main_process():
-                click.echo(f"zoom: error: {printable(str(e))}", err=True)
+                click.echo(f"zoom: error: {one_line(str(e))}", err=True)
             sys.exit(2)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
@@ -47,7 +47,7 @@ class ZoomGroup(click.Group):
             click.echo(e.format_message())
             sys.exit(0)
         except click.ClickException as e:
-            click.echo(f"zoom: error: {printable(e.format_message())}", err=True)
+            click.echo(f"zoom: error: {one_line(e.format_message())}", err=True)
             sys.exit(2)
 
 
@@ -190,9 +190,10 @@ def _launch(num_processes: int, config, args: list[str]) -> int:
 def report(run_dir):
     """Rebuild report.json, report.csv and report.html of RUN_DIR from its records (no models needed)."""
     from .report import write_report
+    from .rundir import check_path
 
-    if not os.path.isdir(run_dir):
-        raise ZoomError(f"run directory {run_dir!r} does not exist")
+    if not check_path(run_dir, "run directory") or not os.path.isdir(run_dir):
+        raise ZoomError(f"run directory {shown_path(run_dir)} does not exist")
     _print_report(write_report(run_dir, lock=True), run_dir)
 
 
@@ -211,11 +212,14 @@ def compare(run_a, run_b, as_json, html_path):
     import json
 
     from .compare import compare_runs, compare_table
+    from .rundir import check_path
 
+    if html_path:
+        check_path(html_path, "--html")  # a name too long: said now, not after both runs are read
     if html_path and os.path.isdir(html_path):
-        raise ZoomError(f"--html {html_path!r} is a directory; give a file name such as compare.html")
+        raise ZoomError(f"--html {shown_path(html_path)} is a directory; give a file name such as compare.html")
     if html_path and not Path(html_path).resolve().parent.is_dir():
-        raise ZoomError(f"--html {html_path!r}: its folder does not exist")
+        raise ZoomError(f"--html {shown_path(html_path)}: its folder does not exist")
     result = compare_runs(run_a, run_b)
     if html_path:
         from .report.html import render_compare

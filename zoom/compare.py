@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import ZoomError, printable
+from .errors import ZoomError, printable, shown, shown_path
 from .prompts import NULL_NAME
 from .report.aggregate import SIGNIFICANCE, format_p, seed_shares
 from .stats import (bh_qvalues, clustered_rate_interval, difference_interval, interval_difference,
@@ -53,6 +53,12 @@ def _short(x, width=60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _names(names: list, first: int = 4) -> str:
+    """A few attribute names for an error line, and how many more (two runs may differ in thousands)."""
+    text = ", ".join(shown(n, 40) for n in names[:first])
+    return text + (f" and {len(names) - first:,} more" if len(names) > first else "")
+
+
 def comparability(report_a: dict, report_b: dict) -> tuple[list[str], list[str]]:
     """(reasons the runs cannot be compared, warnings about what differs but is allowed)."""
     ca, cb = report_a["run"].get("config") or {}, report_b["run"].get("config") or {}
@@ -63,9 +69,9 @@ def comparability(report_a: dict, report_b: dict) -> tuple[list[str], list[str]]
     if aa != ab:
         only_a, only_b = sorted(set(aa) - set(ab)), sorted(set(ab) - set(aa))
         reworded = sorted(k for k in set(aa) & set(ab) if aa[k] != ab[k])
-        parts = ([f"only in A: {', '.join(map(repr, only_a))}"] if only_a else []) + \
-                ([f"only in B: {', '.join(map(repr, only_b))}"] if only_b else []) + \
-                ([f"reworded: {', '.join(map(repr, reworded))}"] if reworded else [])
+        parts = ([f"only in A: {_names(only_a)}"] if only_a else []) + \
+                ([f"only in B: {_names(only_b)}"] if only_b else []) + \
+                ([f"reworded: {_names(reworded)}"] if reworded else [])
         refuse.append(f"attributes ({'; '.join(parts)})")
     if na != nb:
         refuse.append(f"null prompt ({_short(na)} vs {_short(nb)})")
@@ -80,7 +86,7 @@ def comparability(report_a: dict, report_b: dict) -> tuple[list[str], list[str]]
     sa, sb = ca.get("search") or {}, cb.get("search") or {}
     for key in sorted((set(sa) | set(sb)) - _SEARCH_IGNORED):
         if sa.get(key) != sb.get(key):
-            warn.append(f"search.{key} differs ({sa.get(key)!r} vs {sb.get(key)!r}): the search budget or method "
+            warn.append(f"search.{key} differs ({shown(sa.get(key))} vs {shown(sb.get(key))}): the search budget or method "
                         "changes flip rates on its own, so part of a difference may come from it")
     for name, r in (("A", report_a), ("B", report_b)):
         done = r.get("completeness") or {}
@@ -181,7 +187,7 @@ def compare_reports(report_a: dict, report_b: dict, records_a: list[dict], recor
     the runs as independent samples whatever their seeds)."""
     refuse, warnings = comparability(report_a, report_b)
     if refuse:
-        raise ZoomError(f"cannot compare {str(path_a)!r} with {str(path_b)!r}: they differ in "
+        raise ZoomError(f"cannot compare {shown_path(path_a)} with {shown_path(path_b)}: they differ in "
                         f"{'; '.join(refuse[:3])}{' …' if len(refuse) > 3 else ''}. compare needs runs of the same "
                         "prompt set and generator (the target, seeds and hardware may differ)")
     seeds_a, seeds_b = drawn_seeds(report_a), drawn_seeds(report_b)
@@ -192,18 +198,22 @@ def compare_reports(report_a: dict, report_b: dict, records_a: list[dict], recor
         warnings.append(f"paired on the {len(common)} seeds both runs drew ({min(common)}-{max(common)}); "
                         f"run {longer}'s other {extra} seeds are left out of the tests")
 
+    grouped_a, grouped_b = {}, {}  # each run's records by attribute, once (runs may hold thousands)
+    for records, grouped in ((records_a, grouped_a), (records_b, grouped_b)):
+        for r in records:
+            grouped.setdefault(r["attribute"], []).append(r)
+
     def table(name):
         if not paired:
             return None
-        return _paired_table([r for r in records_a if r["attribute"] == name],
-                             [r for r in records_b if r["attribute"] == name])
+        return _paired_table(grouped_a.get(name, []), grouped_b.get(name, []))
 
     by_b = {a["name"]: a for a in report_b["attributes"]}
     rows = [_row(a["name"], a.get("prompt"), a, by_b[a["name"]], table(a["name"]))
             for a in report_a["attributes"] if a["name"] in by_b]
     missing = sorted(set(by_b) ^ {a["name"] for a in report_a["attributes"]})
     if missing:
-        warnings.append(f"no finished items in one of the runs for: {', '.join(missing)}")
+        warnings.append(f"no finished items in one of the runs for: {_names(missing, 10)}")
     if not paired:
         warnings.append("unpaired: neither run's seeds are all among the other's, so each run's seeds are treated as "
                         "an independent sample; the same search.seed gives a paired, more powerful comparison")
@@ -237,7 +247,7 @@ def compare_runs(run_a, run_b) -> dict:
     from .report.aggregate import aggregate, load_run
 
     if Path(run_a).resolve() == Path(run_b).resolve():
-        raise ZoomError(f"compare needs two different run directories; got {str(run_a)!r} twice")
+        raise ZoomError(f"compare needs two different run directories; got {shown_path(run_a)} twice")
     loaded_a, loaded_b = load_run(run_a), load_run(run_b)
     return compare_reports(aggregate(*loaded_a), aggregate(*loaded_b), loaded_a[0], loaded_b[0], run_a, run_b)
 

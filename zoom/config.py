@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import ZoomError, looks_like_path
+from .errors import ZoomError, clip, looks_like_path, shown, shown_path
 from .prompts import bundled, find_bundled, load_prompts
 from .files import read_yaml
 
@@ -109,17 +109,17 @@ def _check_type(value, annotation, key):
         if option in (str, bool, dict) and isinstance(value, option):
             return value
     names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
-    raise ZoomError(f"config key {key}: expected {names}, got {value!r}")
+    raise ZoomError(f"config key {key}: expected {names}, got {shown(value)}")
 
 
 def _build(cls, data, prefix=""):
     if not isinstance(data, dict):
-        raise ZoomError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
+        raise ZoomError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ZoomError(f"unknown config key {prefix}{unknown[0]}; allowed in this section: {', '.join(fields)}")
+        raise ZoomError(f"unknown config key {prefix}{clip(unknown[0])}; allowed in this section: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -137,15 +137,15 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
     if path is not None:
         found = find_bundled(path, "configs")
         if found is None:
-            raise ZoomError(f"config {os.fspath(path)!r} does not exist: neither a file nor a bundled config "
+            raise ZoomError(f"config {shown_path(path)} does not exist: neither a file nor a bundled config "
                             f"({', '.join(bundled('configs'))})")
         path = found
         if not os.path.isfile(path):
-            raise ZoomError(f"config {os.fspath(path)!r} is not a file")
-        data = read_yaml(path, "config file") or {}
+            raise ZoomError(f"config {shown_path(path)} is not a file")
+        data = read_yaml(path, "config file", user=True) or {}
         base_dir = os.path.dirname(os.path.abspath(path))
     if not isinstance(data, dict):
-        raise ZoomError(f"config file {os.fspath(path)!r} must be a YAML mapping of sections")
+        raise ZoomError(f"config file {shown_path(path)} must be a YAML mapping of sections")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -155,7 +155,7 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
             if node.get(p) is None:  # absent, or an empty `section:` that YAML reads as None
                 node[p] = {}
             if not isinstance(node[p], dict):
-                raise ZoomError(f"config section {p} must be a mapping, got {node[p]!r}")
+                raise ZoomError(f"config section {p} must be a mapping, got {shown(node[p])}")
             node = node[p]
         node[leaf] = value
     config = _build(Config, data)
@@ -222,7 +222,7 @@ def _resolve_spec(spec: str, base_dir: str) -> str:
 
 def _choice(key, value, choices):
     if value not in choices:
-        raise ZoomError(f"config key {key}={value!r} must be one of {', '.join(choices)}")
+        raise ZoomError(f"config key {key}={shown(value)} must be one of {', '.join(choices)}")
 
 
 # Ranges of the numeric keys: (key, low, high, what). Bounds are inclusive; None is unbounded.
@@ -270,9 +270,9 @@ def validate(c: Config) -> None:
         if value is None and key == "generator.resolution":
             continue
         if isinstance(value, float) and not math.isfinite(value):
-            raise ZoomError(f"config key {key}={value} must be a finite number ({what})")
+            raise ZoomError(f"config key {key}={shown(value)} must be a finite number ({what})")
         if not low <= value <= high:
-            raise ZoomError(f"config key {key}={value} is out of range: {what} must be between {_show(low)} and "
+            raise ZoomError(f"config key {key}={shown(value)} is out of range: {what} must be between {_show(low)} and "
                             f"{_show(high)}")
     if s.seed + s.samples - 1 > MAX_SEED:
         raise ZoomError(f"config keys search.seed={s.seed} and search.samples={s.samples}: the last seed would pass "
@@ -280,13 +280,13 @@ def validate(c: Config) -> None:
     for key in ("target.target_class", "target.label"):
         value = _get(c, key)
         if isinstance(value, int) and value < 0:
-            raise ZoomError(f"config key {key}={value} must be a class index >= 0 or a label name")
+            raise ZoomError(f"config key {key}={shown(value)} must be a class index >= 0 or a label name")
     if c.target.target_class is not None and c.target.task != "multiclass":
         raise ZoomError(f"config key target.target_class applies to task multiclass, not {c.target.task}")
     if s.mode == "sweep" and s.edit_space != "text":
         raise ZoomError("search.mode=sweep walks alpha on a grid: it needs search.edit_space=text")
     if not (c.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", c.device)):
-        raise ZoomError(f"config key device={c.device!r} must be auto, cpu, cuda or cuda:N")
+        raise ZoomError(f"config key device={shown(c.device)} must be auto, cpu, cuda or cuda:N")
     from .targets import parse_spec
 
     parse_spec(c.target.spec)
@@ -294,14 +294,14 @@ def validate(c: Config) -> None:
     names = [a.name for a in prompts.attributes]
     for name in [n for n in c.oracle if n not in names]:
         # one config serves several prompt sets: an oracle for an attribute this run lacks has nothing to judge
-        print(f"zoom: note: config key oracle.{name}: no attribute {name!r} in the prompts, so this oracle is not "
+        print(f"zoom: note: config key oracle.{clip(name)}: no attribute {shown(name)} in the prompts, so this oracle is not "
               "used", file=sys.stderr)
         del c.oracle[name]
     for name, oracle in c.oracle.items():
         if not isinstance(oracle, dict) or set(oracle) != {"spec", "label"} or not isinstance(oracle["spec"], str) \
                 or not isinstance(oracle["label"], (str, int)) or isinstance(oracle["label"], bool):
-            raise ZoomError(f"config key oracle.{name} must be a mapping with 'spec' (a target spec) and 'label' "
-                            f"(the class that means {name!r} is present), got {oracle!r}")
+            raise ZoomError(f"config key oracle.{clip(name)} must be a mapping with 'spec' (a target spec) and 'label' "
+                            f"(the class that means {shown(name)} is present), got {shown(oracle)}")
         parse_spec(oracle["spec"])
 
 

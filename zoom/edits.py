@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ZoomError
+from .errors import ZoomError, shown
 from .prompts import NULL_NAME, Attribute
 from .search import Edit, random_direction
+from .words import check_readable, same_encoding
 
 RANDOM_NULL = "(random direction)"
 
@@ -48,22 +49,24 @@ class Arm:
 class Edits:
     def __init__(self, generator, guide, prompts, seed: int = 0):
         self.prompts, self.seed = prompts, seed
+        # Words a tokenizer cannot read (load_models checks them as each model loads; this covers models
+        # handed in from Python), before any prompt is encoded.
+        check_readable(prompts, getattr(getattr(generator, "pipe", None), "tokenizer", None), "generator's tokenizer")
+        check_readable(prompts, getattr(guide, "tokenizer", None), "guide CLIP's tokenizer")
         self.domain_embeds = generator.embed(prompts.domain)
         self.directions = [generator.embed(a.prompt) - self.domain_embeds for a in prompts.attributes]
         self.text_dirs = [guide.text_direction(prompts.domain, a.prompt) for a in prompts.attributes]
         self.null_dirs = [generator.embed(p) - self.domain_embeds for p in prompts.nulls]
         self.null_text_dirs = [guide.text_direction(prompts.domain, p) for p in prompts.nulls]
         self.guide_dim = self.text_dirs[0].shape[-1]
-        # Prompts compare equal as strings only before tokenizing: past the text encoder's token limit,
-        # two different prompts can encode to the same conditioning, and their edit would be zero.
-        limit = getattr(generator.pipe.tokenizer, "model_max_length", None)
-        for what, prompt, direction in [*((f"attribute {a.name!r}", a.prompt, d)
+        # Prompts compare equal as strings only before tokenizing: past the text encoder's token limit, or
+        # where the tokenizer ignores their difference (case), two different prompts can encode to the same
+        # conditioning, and their edit would be zero.
+        for what, prompt, direction in [*((f"attribute {shown(a.name)}", a.prompt, d)
                                           for a, d in zip(prompts.attributes, self.directions)),
-                                        *((f"null paraphrase {p!r}", p, d) for p, d in zip(prompts.nulls, self.null_dirs))]:
+                                        *((f"null paraphrase {shown(p)}", p, d) for p, d in zip(prompts.nulls, self.null_dirs))]:
             if float(direction.norm()) <= 1e-6 * float(self.domain_embeds.norm()):
-                raise ZoomError(f"{what}: its prompt encodes exactly like the domain prompt (the text encoder reads "
-                                f"only the first {limit} tokens), so its edit would be zero; make the difference "
-                                "earlier in the prompt")
+                raise ZoomError(f"{what}: {same_encoding(generator.pipe.tokenizer, prompt, prompts.domain)}")
 
     # -- single / sweep --------------------------------------------------------------------
     def arms(self) -> list[Arm]:

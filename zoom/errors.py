@@ -46,14 +46,30 @@ def hub_problem(error: BaseException) -> str | None:
     return None
 
 
+def names_local_file(name: str) -> bool:
+    """Whether a model name refers to a local file or folder in any of its parts: `/models/x`,
+    `torchvision:resnet50:/w/x.pth`, `ViT-B-32 (/w/clip.pt)`. A failure to load it is not the hub's."""
+    import os
+    import re
+
+    return any(looks_like_path(part) or os.path.isfile(os.path.expanduser(part))
+               or (os.sep in part and os.path.exists(os.path.expanduser(part)))
+               for part in re.split(r"[:()\s]+", name) if part)
+
+
 def load_failure(what: str, name: str, error: Exception) -> ZoomError:
     """One line for a model that failed to load: what failed, why, and, for hub ids, what to do."""
+    from .weights import pickle_failure, pickle_message
+
+    pickled = pickle_failure(error)  # a pickle weights-only loading refused: say so, never blame the hub
+    if pickled is not None:
+        return ZoomError(pickle_message(what, name, *pickled))
     text = str(error).strip()
     reason = text.splitlines()[0][:300] if text else type(error).__name__
-    problem = None if looks_like_path(name.split(":", 1)[-1]) else hub_problem(error)
+    problem = None if names_local_file(name) else hub_problem(error)
     if problem:
-        return ZoomError(f"{what}: cannot load {name!r}: {_HUB_HINTS[problem]}")
-    return ZoomError(f"{what}: cannot load {name!r}: {reason}")
+        return ZoomError(f"{what}: cannot load {shown(name)}: {_HUB_HINTS[problem]}")
+    return ZoomError(f"{what}: cannot load {shown(name)}: {reason}")
 
 
 def go_offline_if_hub_unreachable(timeout: float = 3.0) -> None:
@@ -86,3 +102,91 @@ def printable(text: str) -> str:
     """Text safe for a terminal and one line: control characters (ANSI escapes, NUL, newlines) are shown
     as escapes instead of acting on the terminal."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+ECHO_LIMIT = 80  # characters of a user's value an error line repeats
+LINE_LIMIT = 600  # characters of a whole error line; longer ones keep their start and their end (the fix)
+
+
+def _short_repr(value, budget: int) -> str:
+    """repr(value), built only as far as `budget` characters (so a 60,000-item list or a 5 MB string
+    costs nothing to show); the caller cuts the result to the budget."""
+    if budget <= 0:
+        return "..."
+    if isinstance(value, (str, bytes)):
+        return repr(value[:budget + 1])
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        brackets = "()" if isinstance(value, tuple) else "[]" if isinstance(value, list) else "{}"
+        if isinstance(value, (set, frozenset)) and not value:
+            return repr(value)
+        items = value.items() if isinstance(value, dict) else value
+        parts, used = [], 1
+        for item in items:
+            if used > budget:
+                parts.append("...")
+                break
+            if isinstance(value, dict):
+                part = _short_repr(item[0], budget - used) + ": " + _short_repr(item[1], budget - used)
+            else:
+                part = _short_repr(item, budget - used)
+            parts.append(part)
+            used += len(part) + 2
+        tail = "," if isinstance(value, tuple) and len(parts) == 1 and len(value) == 1 else ""
+        return brackets[0] + ", ".join(parts) + tail + brackets[1]
+    if isinstance(value, int) and not isinstance(value, bool):
+        digits = value.bit_length() * 0.30103
+        if digits > budget:  # str() of a huge int is slow, and refused past 4,300 digits
+            return f"{'-' if value < 0 else ''}<a number of about {digits:,.0f} digits>"
+    return repr(value)
+
+
+def shown(value, limit: int = ECHO_LIMIT) -> str:
+    """A user's value as an error line repeats it: its repr, cut to about `limit` characters with an
+    ellipsis and its size when it is longer, e.g. 'aaaa...' (5,000,000 characters) or [1, 2, ...]
+    (60,000 items). An error names the value; it does not echo megabytes of it."""
+    text = _short_repr(value, limit)
+    if len(text) <= limit:
+        return text
+    size = ""
+    if isinstance(value, (str, bytes)):
+        size = f" ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})"
+    elif isinstance(value, (list, tuple, set, frozenset, dict)):
+        size = f" ({len(value):,} item{'s' if len(value) != 1 else ''})"
+    cut = text[:limit]
+    if isinstance(value, (list, tuple, set, frozenset, dict)) and ", " in cut:
+        cut = cut.rsplit(", ", 1)[0] + ","  # end on a whole item
+    return cut + "..." + size
+
+
+PATH_LIMIT = 160  # characters of a path an error line repeats; a longer one keeps its end
+
+
+def shown_path(path, limit: int = PATH_LIMIT) -> str:
+    """A user's path as an error line names it, quoted: a long one (a path cannot be longer than a few
+    thousand characters, a string given for one can) keeps its end, where the file's name is."""
+    import os
+
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(text, str):
+        return shown(text)
+    if len(text) <= limit:
+        return repr(text)
+    return repr("..." + text[-limit:]) + f" ({len(text):,} characters)"
+
+
+def clip(text, limit: int = ECHO_LIMIT) -> str:
+    """A user's name or key as an error line repeats it unquoted: at most about `limit` characters."""
+    if not isinstance(text, str):
+        return shown(text, limit)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def one_line(message: str, limit: int = LINE_LIMIT) -> str:
+    """The last guard before an error reaches the terminal: one line, printable, at most about `limit`
+    characters. A longer message (a value no call site shortened) keeps its start and its end, where
+    the fix is, and says how much was left out."""
+    text = printable(message)
+    if len(text) <= limit:
+        return text
+    keep = (limit - 40) // 2
+    return f"{text[:keep]} ...[{len(text) - 2 * keep:,} characters left out]... {text[-keep:]}"

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .errors import ZoomError, load_failure, looks_like_path
+from .errors import ZoomError, load_failure, looks_like_path, shown, shown_path
 
 
 class Generator:
@@ -56,19 +56,23 @@ class Generator:
         from diffusers import StableDiffusionPipeline
 
         if looks_like_path(model) and not os.path.isdir(os.path.expanduser(model)):
-            raise ZoomError(f"generator.model: folder {model!r} does not exist; give a diffusers folder or hub id")
+            raise ZoomError(f"generator.model: folder {shown_path(model)} does not exist; give a diffusers folder or hub id")
         try:
             index = StableDiffusionPipeline.load_config(os.path.expanduser(model), revision=revision)
         except Exception as e:
             raise load_failure("generator.model", model, e) from e
         if index.get("text_encoder_2") or "XL" in str(index.get("_class_name", "")):
-            raise ZoomError(f"generator.model: {model!r} is an SDXL-class pipeline ({index.get('_class_name')}); "
+            raise ZoomError(f"generator.model: {shown(model)} is an SDXL-class pipeline ({index.get('_class_name')}); "
                             "zoom supports the Stable Diffusion 1.x/2.x family (e.g. stabilityai/sd-turbo) for now")
+        from .weights import refuse_pickled_files, refuse_pickled_folder
+
+        refuse_pickled_folder(model, "generator.model", model)  # before diffusers speaks or loads anything
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                os.path.expanduser(model), revision=revision,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+            with _library_logs_silenced():  # zoom's one line says what failed, not diffusers' lines before it
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    os.path.expanduser(model), revision=revision,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                )
         except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variously
             raise load_failure("generator.model", model, e) from e
         pipe.set_progress_bar_config(disable=True)
@@ -79,9 +83,11 @@ class Generator:
             from diffusers import AutoencoderTiny
 
             if looks_like_path(loop_decoder) and not os.path.isdir(os.path.expanduser(loop_decoder)):
-                raise ZoomError(f"generator.loop_decoder: folder {loop_decoder!r} does not exist")
+                raise ZoomError(f"generator.loop_decoder: folder {shown_path(loop_decoder)} does not exist")
+            refuse_pickled_files(loop_decoder, "generator.loop_decoder", loop_decoder)
             try:
-                tiny_decoder = AutoencoderTiny.from_pretrained(os.path.expanduser(loop_decoder))
+                with _library_logs_silenced():
+                    tiny_decoder = AutoencoderTiny.from_pretrained(os.path.expanduser(loop_decoder))
             except Exception as e:
                 raise load_failure("generator.loop_decoder", loop_decoder, e) from e
         return cls(pipe, steps=steps, guidance_scale=guidance_scale, resolution=resolution, device=device,
@@ -152,6 +158,27 @@ class Generator:
     @property
     def unet_calls_per_image(self) -> int:
         return len(self.scheduler.timesteps) if self.scheduler.timesteps is not None else self.steps
+
+
+@contextlib.contextmanager
+def _library_logs_silenced():
+    """diffusers and transformers log errors of their own while loading (e.g. "An error occurred while
+    trying to fetch ...: no file named diffusion_pytorch_model.safetensors", even for a folder that then
+    loads from .bin files); zoom reports a failed load itself, in one line."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    libraries = (diffusers.utils.logging, transformers.utils.logging)
+    levels = [lib.get_verbosity() for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lib, level in zip(libraries, levels):
+            lib.set_verbosity(level)
 
 
 def _accepts(fn, name: str) -> bool:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .errors import ZoomError, load_failure
+from .errors import ZoomError, load_failure, shown, shown_path
 
 LOCAL_DIR = "local-dir:"
 
@@ -42,10 +42,16 @@ class Clip:
         if model.startswith(LOCAL_DIR):
             folder = os.path.expanduser(model[len(LOCAL_DIR):])
             if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-                raise ZoomError(f"CLIP model {model!r}: no open_clip_config.json in {folder!r}")
+                raise ZoomError(f"CLIP model {shown(model)}: no open_clip_config.json in {shown_path(folder)}")
             model, pretrained = LOCAL_DIR + folder, None
         elif pretrained and os.sep in pretrained and not os.path.isfile(os.path.expanduser(pretrained)):
-            raise ZoomError(f"CLIP pretrained weights file {pretrained!r} does not exist")
+            raise ZoomError(f"CLIP pretrained weights file {shown_path(pretrained)} does not exist")
+        from .weights import refuse_pickle, refuse_pickled_files
+
+        if model.startswith(LOCAL_DIR):  # a pickle is refused before the model is built
+            refuse_pickled_files(model[len(LOCAL_DIR):], "CLIP model", model)
+        elif pretrained and os.path.isfile(os.path.expanduser(pretrained)):
+            refuse_pickle(pretrained, "CLIP model", f"{model} ({pretrained})")
         try:
             # require_pretrained: a built-in name without weights would silently be a random CLIP
             clip, _, _ = open_clip.create_model_and_transforms(model, pretrained=pretrained or None,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .errors import ZoomError, go_offline_if_hub_unreachable, looks_like_path
+from .errors import ZoomError, clip, go_offline_if_hub_unreachable, looks_like_path, shown
 
 
 @dataclass
@@ -64,7 +64,7 @@ def configure_threads(device, generator, processes: int = 1) -> int:
 def pick_device(config: Config, state=None) -> torch.device:
     if config.device != "auto":
         if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ZoomError(f"device={config.device!r} but no CUDA GPU is visible; use device: cpu or auto")
+            raise ZoomError(f"device={shown(config.device)} but no CUDA GPU is visible; use device: cpu or auto")
         return torch.device(config.device)
     if state is not None and state.device.type != "cpu":
         return state.device
@@ -78,8 +78,12 @@ def load_models(config: Config, device, target=None) -> Models:
     """
     from .generator import Generator
     from .guide import Clip
+    from .manifest import check_models
+    from .prompts import load_prompts
     from .targets import load_target, make_criterion
+    from .words import check_readable
 
+    check_models(config, target=target is None)  # a model folder with a MANIFEST.json (the world) must match it
     g = config.generator
     ids = [g.model, g.loop_decoder or "/", config.target.spec.partition(":")[2] if config.target.spec.startswith("hf:") else "/"]
     ids += [c.model for c in (config.guide, config.judge) if c.pretrained and not c.model.startswith("local-dir:")]
@@ -89,8 +93,14 @@ def load_models(config: Config, device, target=None) -> Models:
                                           guidance_scale=g.guidance_scale, resolution=g.resolution,
                                           device=device, loop_decoder=g.loop_decoder,
                                           gradient_checkpointing=g.gradient_checkpointing)
+    # Each tokenizer must read every prompt it will be given, checked as soon as it is loaded: a word it
+    # cannot read would be noise to its model, and every number about that prompt meaningless.
+    prompts = load_prompts(config.prompts)
+    check_readable(prompts, generator.pipe.tokenizer, "generator's tokenizer (generator.model)")
     guide = Clip.load(config.guide.model, config.guide.pretrained, device)
+    check_readable(prompts, guide.tokenizer, "guide CLIP's tokenizer (guide.model)")
     judge = Clip.load(config.judge.model, config.judge.pretrained, device)
+    check_readable(prompts, judge.tokenizer, "judge CLIP's tokenizer (judge.model)", nulls=False)  # it judges attributes
     target = load_target(target if target is not None else config.target.spec,
                          trust_remote_code=config.target.trust_remote_code, device=device)
     criterion = make_criterion(config.target.task, config.target.label, config.target.target_class, target.labels)
@@ -110,15 +120,15 @@ def check_target_output(target, config: Config, resolution: int, device) -> None
         with torch.no_grad():
             out = target(torch.full((1, 3, resolution, resolution), 0.5, device=device))
     except Exception as e:
-        raise ZoomError(f"target {t.spec!r} fails on a {resolution}x{resolution} RGB image: "
+        raise ZoomError(f"target {shown(t.spec)} fails on a {resolution}x{resolution} RGB image: "
                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     shape = tuple(getattr(out, "shape", ()))
     if len(shape) != 2 or shape[0] != 1:
-        raise ZoomError(f"target.task={task} needs logits [batch, classes] from the target, but {t.spec!r} returns "
+        raise ZoomError(f"target.task={task} needs logits [batch, classes] from the target, but {shown(t.spec)} returns "
                         f"{type(out).__name__} of shape {list(shape)}")
     classes = shape[1]
     if task == "multiclass" and classes < 2:
-        raise ZoomError(f"target.task=multiclass needs at least 2 logits; {t.spec!r} returns {classes} "
+        raise ZoomError(f"target.task=multiclass needs at least 2 logits; {shown(t.spec)} returns {classes} "
                         "(use task: binary for one logit)")
     for key, value in (("target.target_class", t.target_class), ("target.label", t.label)):
         if isinstance(value, int) and not 0 <= value < classes:
@@ -133,7 +143,7 @@ def _label_index(model, label, key: str) -> int:
             raise ZoomError(f"config key {key}={label} is not a class index of the model")
         return label
     if label not in labels:
-        raise ZoomError(f"config key {key}={label!r} is not one of the model's labels: {', '.join(map(str, labels))}")
+        raise ZoomError(f"config key {key}={shown(label)} is not one of the model's labels: {clip(', '.join(map(str, labels)), 300)}")
     return labels.index(label)
 
 

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 
 
-from .errors import ZoomError
+from .errors import ZoomError, shown, shown_path
 from .files import read_yaml
+from .words import quote, require_visible
 
 NULL_NAME = "null"
 
@@ -72,24 +73,25 @@ def load_prompts(source) -> PromptSet:
     run's config.yaml)."""
     where = "prompts"
     if isinstance(source, (str, os.PathLike)):
-        where = f"prompts file {os.fspath(source)!r}"
+        where = f"prompts file {shown_path(source)}"
         found = find_bundled(source, "prompts")
         if found is None:
-            raise ZoomError(f"prompts {os.fspath(source)!r} does not exist: neither a file nor a bundled prompt set "
+            raise ZoomError(f"prompts {shown_path(source)} does not exist: neither a file nor a bundled prompt set "
                             f"({', '.join(bundled('prompts'))}); `zoom prompts` lists them")
         source = found
         if not os.path.isfile(source):
             raise ZoomError(f"{where} is not a file")
-        source = read_yaml(source, "prompts file")
+        source = read_yaml(source, "prompts file", user=True)
     if not isinstance(source, dict):
         raise ZoomError(f"{where} must be a mapping with 'domain' and 'attributes'")
     data = {("null" if k is None else k): v for k, v in source.items()}  # YAML reads a bare `null:` key as None
     unknown = set(data) - {"domain", "attributes", "null"}
     if unknown:
-        raise ZoomError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; allowed: domain, attributes, null")
+        raise ZoomError(f"{where}: unknown key(s) {shown(sorted(map(str, unknown)))}; allowed: domain, attributes, null")
     domain = data.get("domain")
     if not isinstance(domain, str) or not domain.strip():
         raise ZoomError(f"{where}: 'domain' must be a non-empty prompt string")
+    require_visible(where, "the domain", clean_prompt(domain), domain)
     items = data.get("attributes")
     if not isinstance(items, list) or not items:
         raise ZoomError(f"{where}: 'attributes' must be a non-empty list of {{name, prompt}}")
@@ -98,16 +100,18 @@ def load_prompts(source) -> PromptSet:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("prompt"), str):
             raise ZoomError(f"{where}: attributes[{i}] must have string 'name' and 'prompt'")
         name, prompt = item["name"].strip(), clean_prompt(item["prompt"])
+        if name:
+            require_visible(where, f"the prompt of attribute {quote(name, 40)}", prompt, item["prompt"])
         if not name or not prompt:
             raise ZoomError(f"{where}: attributes[{i}] has an empty name or prompt")
         if name.lower() == NULL_NAME:
-            raise ZoomError(f"{where}: attribute name {name!r} is reserved for the null control")
+            raise ZoomError(f"{where}: attribute name {shown(name)} is reserved for the null control")
         if name.lower() in seen_names:
-            raise ZoomError(f"{where}: attribute name {name!r} appears twice; names must be unique")
+            raise ZoomError(f"{where}: attribute name {shown(name)} appears twice; names must be unique")
         if prompt in seen_prompts:
-            raise ZoomError(f"{where}: attribute prompt {prompt!r} appears twice; prompts must be unique")
+            raise ZoomError(f"{where}: attribute prompt {shown(prompt)} appears twice; prompts must be unique")
         if prompt == clean_prompt(domain):
-            raise ZoomError(f"{where}: attribute {name!r} has the domain's own prompt, so it changes nothing")
+            raise ZoomError(f"{where}: attribute {shown(name)} has the domain's own prompt, so it changes nothing")
         seen_names.add(name.lower())
         seen_prompts.add(prompt)
         attributes.append(Attribute(name, prompt, slugify(i, name)))
@@ -116,6 +120,8 @@ def load_prompts(source) -> PromptSet:
     if null is not None and (not isinstance(nulls, list) or not nulls
                              or not all(isinstance(p, str) and p.strip() for p in nulls)):
         raise ZoomError(f"{where}: 'null' must be a prompt string or a list of them (paraphrases of the domain)")
+    for j, p in enumerate(nulls or []):
+        require_visible(where, f"null paraphrase {j + 1}" if len(nulls) > 1 else "the null paraphrase", clean_prompt(p), p)
     nulls = list(dict.fromkeys(clean_prompt(p) for p in nulls or []))
     if clean_prompt(domain) in nulls:
         raise ZoomError(f"{where}: a 'null' paraphrase is the domain prompt itself, so it changes nothing; "

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .errors import ZoomError, load_failure, looks_like_path
+from .errors import ZoomError, clip, load_failure, looks_like_path, shown, shown_path
 
 SPEC_KINDS = ("torchvision", "timm", "hf", "torchscript", "python")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -99,7 +99,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     kind, _, rest = spec.partition(":")
     if kind not in SPEC_KINDS or not rest:
         raise ZoomError(
-            f"target.spec {spec!r} is not a known target spec; use one of torchvision:NAME[:WEIGHTS], "
+            f"target.spec {shown(spec)} is not a known target spec; use one of torchvision:NAME[:WEIGHTS], "
             "timm:NAME[:FILE], hf:REPO_OR_PATH, torchscript:PATH, python:MODULE:CALLABLE"
         )
     if kind in ("torchvision", "timm", "python"):
@@ -132,7 +132,7 @@ def load_target(spec, *, trust_remote_code: bool = False, device="cpu") -> Targe
 def _existing_file(path: str, what: str) -> str:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise ZoomError(f"{what}: file {path!r} does not exist")
+        raise ZoomError(f"{what}: file {shown_path(path)} does not exist")
     return path
 
 
@@ -142,7 +142,14 @@ def load_state_dict(path: str) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickle of Python objects: never unpickled, and said so
+        from .weights import pickle_failure, pickle_message
+
+        raise ZoomError(pickle_message("target weights", path, (pickle_failure(e) or ("",))[0], path)) from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -150,7 +157,7 @@ def _torchvision(name: str, weights: str | None) -> Target:
     import torchvision.models as tvm
 
     if name not in tvm.list_models():
-        raise ZoomError(f"target.spec: torchvision has no model {name!r} (see torchvision.models.list_models())")
+        raise ZoomError(f"target.spec: torchvision has no model {shown(name)} (see torchvision.models.list_models())")
     enum = tvm.get_model_weights(name)
     if weights is not None and (looks_like_path(weights) or os.path.splitext(weights)[1] in (".pth", ".pt", ".safetensors")):
         path = _existing_file(weights, "target weights")
@@ -168,7 +175,7 @@ def _torchvision(name: str, weights: str | None) -> Target:
         w = enum[weights or "DEFAULT"]
     except KeyError:
         choices = ", ".join(m.name for m in enum)
-        raise ZoomError(f"target.spec: torchvision {name} has no weights {weights!r}; choose one of {choices}, "
+        raise ZoomError(f"target.spec: torchvision {name} has no weights {shown(weights)}; choose one of {choices}, "
                         "or give a local .pth/.safetensors path") from None
     model = tvm.get_model(name, weights=w)
     return Target(model, _from_torchvision_transforms(w.transforms()), w.meta.get("categories"))
@@ -190,7 +197,7 @@ def _timm(name: str, weights_file: str | None) -> Target:
     from timm.data import resolve_data_config
 
     if not timm.list_models(name) and not timm.is_model(name):
-        raise ZoomError(f"target.spec: timm has no model {name!r}")
+        raise ZoomError(f"target.spec: timm has no model {shown(name)}")
     if weights_file:
         state = load_state_dict(_existing_file(weights_file, "target weights"))
         model = timm.create_model(name, pretrained=False, num_classes=_classifier_width(state))
@@ -209,7 +216,7 @@ def _hf(name: str, trust_remote_code: bool) -> Target:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
-        raise ZoomError(f"target.spec: folder {name!r} does not exist")
+        raise ZoomError(f"target.spec: folder {shown_path(name)} does not exist")
     name = os.path.expanduser(name)
     model = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
     processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -247,7 +254,7 @@ def _torchscript(path: str, _extra=None) -> Target:
 
 def _python(module_name: str, attr: str | None) -> Target:
     if not attr:
-        raise ZoomError(f"target.spec python:{module_name} needs a callable: python:MODULE:CALLABLE")
+        raise ZoomError(f"target.spec python:{clip(module_name)} needs a callable: python:MODULE:CALLABLE")
     if module_name.endswith(".py"):
         path = Path(_existing_file(module_name, "target.spec python module"))
         spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -257,11 +264,11 @@ def _python(module_name: str, attr: str | None) -> Target:
         module = importlib.import_module(module_name)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ZoomError(f"target.spec: {module_name} has no callable {attr!r}")
+        raise ZoomError(f"target.spec: {clip(module_name)} has no callable {shown(attr)}")
     made = factory()
     model, preprocess = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, nn.Module):
-        raise ZoomError(f"target.spec: {module_name}:{attr}() must return an nn.Module or (module, preprocess)")
+        raise ZoomError(f"target.spec: {clip(module_name)}:{clip(attr)}() must return an nn.Module or (module, preprocess)")
     if isinstance(model, Target):
         return model
     return Target(model, preprocess, getattr(model, "labels", None))
@@ -337,7 +344,7 @@ def make_criterion(task: str, label=None, target_class=None, labels=None):
         if label is None:
             raise ZoomError("target.task=multilabel needs target.label: the label whose decision is audited")
         return BinaryFlip(_class_index(label, labels, "target.label"))
-    raise ZoomError(f"target.task={task!r} is not one of binary, multiclass, multilabel")
+    raise ZoomError(f"target.task={shown(task)} is not one of binary, multiclass, multilabel")
 
 
 def _class_index(value, labels, key):
@@ -345,4 +352,4 @@ def _class_index(value, labels, key):
         return value
     if labels and value in labels:
         return labels.index(value)
-    raise ZoomError(f"{key}={value!r} is not a class index or a label of the target")
+    raise ZoomError(f"{key}={shown(value)} is not a class index or a label of the target")

@@ -77,8 +77,9 @@ def _counts(records: list[dict]) -> dict:
                    validity_ci_low=_num(v_low), validity_ci_high=_num(v_high))
     else:
         out.update(validity_rate=None)
-    if ok and "share" in ok[0]:
-        out["mean_share"] = statistics.fmean(r["share"] for r in ok)
+    shares = [r["share"] for r in ok if r.get("share") is not None]
+    if shares:
+        out["mean_share"] = statistics.fmean(shares)
     curves = _dose_response(ok)
     if curves is not None:
         out["dose_response"] = curves
@@ -185,10 +186,22 @@ def pair_outcomes(attribute: list[dict], null: list[dict], impute_failed=None) -
     return table
 
 
-def _matched_null(name: str, null_records: list[dict]) -> list[dict]:
-    """The null items that control attribute `name`: its twins, or the shared null (joint mode)."""
-    twins = [r for r in null_records if r.get("pair") == name]
-    return twins or [r for r in null_records if r.get("pair") is None]
+def _matched_null(name: str, null_records: list[dict], by_pair: dict | None = None) -> list[dict]:
+    """The null items that control attribute `name`: its twins, or the shared null (joint mode).
+    by_pair: the null records grouped by `pair` once (a run of thousands of attributes would otherwise
+    scan every null record once per attribute)."""
+    if by_pair is None:
+        by_pair = _null_by_pair(null_records)
+    return by_pair.get(name) or by_pair.get(None, [])
+
+
+def _null_by_pair(null_records: list[dict]) -> dict:
+    by_pair = defaultdict(list)
+    for r in null_records:
+        pair = r.get("pair")
+        if pair is None or isinstance(pair, str):  # any other value controls no attribute
+            by_pair[pair].append(r)
+    return by_pair
 
 
 def _validity_baseline(attribute: list[dict], null: list[dict], prompt: str) -> float | None:
@@ -322,8 +335,9 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
 
     prompts = {a["name"]: a["prompt"] for a in prompts_config["attributes"]}
     attributes, tables, raw_tables, matched, confirmed_nulls = [], [], [], [], {}
+    null_by_pair = _null_by_pair(null_records)
     for name, rs in groups.items():
-        nulls = _matched_null(name, null_records)
+        nulls = _matched_null(name, null_records, null_by_pair)
         prompt = prompts.get(name, rs[0]["prompt"])
         confirmed_rs, confirmed_ns, null_moves = confirm(rs, nulls, prompt, name)
         raw_table, table = pair_outcomes(rs, nulls), pair_outcomes(confirmed_rs, confirmed_ns)
@@ -364,10 +378,10 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         "seconds_per_counterfactual": _num(statistics.median(r["seconds"] for r in ok) if ok else None),
         "unet_calls_per_counterfactual": _num(statistics.median(r["unet_calls"] for r in ok) if ok else None),
         "steps_per_counterfactual": _num(statistics.median(r["steps"] for r in ok) if ok else None),
-        "peak_memory_bytes": max((m["peak_memory_bytes"] for m in rank_meta), default=None),
+        "peak_memory_bytes": _over_ranks(rank_meta, "peak_memory_bytes"),
         "memory_kind": rank_meta[0]["memory_kind"] if rank_meta else None,
     }
-    end = max((m["end_time"] for m in rank_meta), default=None)
+    end = _over_ranks(rank_meta, "end_time")
     search = resolved_config.get("search") or {}
     samples = search.get("samples")
     twins = search.get("mode") != "joint" and not any(r.get("pair") is None for r in null_records)
@@ -392,6 +406,19 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         "null": null,
         "attributes": attributes,
     }
+
+
+def _over_ranks(rank_meta: list[dict], key: str):
+    """The largest (latest) value of a rank meta field over the ranks; None (unknown) when any rank's is null
+    (zoom writes them all when a rank finishes, so a null one means that rank's is not known, nor the run's)."""
+    values = [m[key] for m in rank_meta]
+    if not values or any(v is None for v in values):
+        return None
+    if key == "end_time":  # ISO times with their offsets (rundir checks): compared as times, not as text
+        import datetime as dt
+
+        return max(values, key=dt.datetime.fromisoformat)
+    return max(values)
 
 
 def _extrapolated(records: list[dict], config: dict) -> dict:

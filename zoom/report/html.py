@@ -18,6 +18,11 @@ from .aggregate import format_p, format_strength
 
 GALLERY_CAP = 12        # counterfactual pairs shown per attribute (flipped first)
 CLASS_COLUMNS = 8       # base classes shown in the per-class table; the rest are pooled as "other"
+# A run may hold thousands of attributes: the figures and the gallery show the ones ranked highest (the
+# report's order: confirmed flip rate, then p), and say so; the tables, report.json and report.csv hold all.
+PLOT_TOP = 40           # rows of the forest plot
+PANEL_TOP = 24          # panels of the dose-response and strength figures
+GALLERY_TOP = 50        # attributes with a gallery section (the null control always has one)
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
 
 
@@ -78,23 +83,27 @@ def short_spec(spec) -> str:
     return spec
 
 
-def image_src(run_dir: Path, path) -> str | None:
-    """A record's PNG path, if it is a plain relative path inside the run directory that exists."""
+def image_src(run_dir: Path, path, refused: list | None = None) -> str | None:
+    """A record's PNG path, if it is a plain relative path that exists and resolves (links followed) to a
+    regular file inside the run directory (zoom.rundir.run_image); a path refused for safety is added to
+    `refused`. A link in images/ to a file elsewhere is never shown."""
+    from ..rundir import run_image
+
     if not isinstance(path, str) or not _SAFE_PATH.match(path) or ".." in path.split("/"):
         return None
-    return path if (Path(run_dir) / path).is_file() else None
+    return path if run_image(run_dir, path, refused) is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
 # report.html
 
 
-def _gallery(report: dict, records: list[dict], run_dir: Path, cap: int) -> list[dict]:
+def _gallery(report: dict, records: list[dict], run_dir: Path, cap: int, refused: list | None = None) -> list[dict]:
     by_name: dict[str, list[dict]] = {}
     for r in records:
         by_name.setdefault(r["attribute"], []).append(r)
     sections = []
-    for row in report["attributes"] + [report["null"]]:
+    for row in report["attributes"][:GALLERY_TOP] + [report["null"]]:
         rs = by_name.get(row["name"], [])
         ok = [r for r in rs if r["status"] == "ok"]
         flipped = sorted((r for r in ok if r["flipped"]), key=lambda r: (r["strength"] or 0, r["seed"]))
@@ -102,8 +111,8 @@ def _gallery(report: dict, records: list[dict], run_dir: Path, cap: int) -> list
         shown = (flipped + kept)[:cap]
         items = [{
             "seed": r["seed"], "flipped": r["flipped"], "validity": r.get("validity"),
-            "base_src": image_src(run_dir, r.get("base_image")),
-            "cf_src": image_src(run_dir, r.get("counterfactual_image")),
+            "base_src": image_src(run_dir, r.get("base_image"), refused),
+            "cf_src": image_src(run_dir, r.get("counterfactual_image"), refused),
             "base_label": r.get("base_label", r.get("base_pred")), "final_label": r.get("final_label", r.get("final_pred")),
             "base_prob": r.get("base_prob"), "final_prob": r.get("final_prob"),
             "alpha": r.get("alpha"), "strength": r.get("strength"), "reach": r.get("reach", r.get("strength")),
@@ -179,9 +188,17 @@ def _models(run: dict) -> list[dict]:
     return rows
 
 
+def top_shown(total: int, top: int) -> dict:
+    """What a figure or the gallery shows of `total` attributes: the first `top` of the ranking."""
+    return {"shown": min(total, top), "total": total, "all": total <= top}
+
+
 def _figures(report: dict, records: list[dict]) -> dict:
     attrs, null = report["attributes"], report["null"]
-    figures = {"forest": plots.forest_plot(attrs, null)}
+    title = None if len(attrs) <= PLOT_TOP else \
+        f"Top {PLOT_TOP} of {len(attrs):,} attributes by the report's ranking (the table lists all)"
+    figures = {"forest": plots.forest_plot(attrs[:PLOT_TOP], null, title=title)}
+    attrs = attrs[:PANEL_TOP]  # small multiples: one panel per attribute
     if any("dose_response" in a for a in attrs):
         panels = [(a["name"], a["dose_response"], a.get("significant")) for a in attrs if "dose_response" in a]
         figures["dose"] = plots.dose_response_plot(panels, null.get("dose_response"))
@@ -222,6 +239,7 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
     config = run.get("config") or {}
     prompts = config.get("prompts") or {}
     command = str(run.get("command") or "")
+    refused: list = []  # gallery images left out for safety (a link out of the run directory, a FIFO)
     context = {
         "report": report,
         "run": run,
@@ -236,7 +254,10 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
         "overridden": [OVERRIDDEN.get(k, k) for k in (run.get("overridden") or []) if isinstance(k, str)],
         "verdict": _verdict(report),
         "figures": _figures(report, records),
-        "gallery": _gallery(report, records, run_dir, cap),
+        "gallery": _gallery(report, records, run_dir, cap, refused),
+        "plotted": {"forest": top_shown(len(report["attributes"]), PLOT_TOP),
+                    "panels": top_shown(len(report["attributes"]), PANEL_TOP),
+                    "gallery": top_shown(len(report["attributes"]), GALLERY_TOP)},
         "per_class": _per_class(report),
         "models": _models(run),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100),
@@ -246,10 +267,24 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
         "version": (run.get("versions") or {}).get("zoom", ""),
         "timing": _timing(run),
     }
-    return _env().get_template("report.html.j2").render(**context)
+    page = _env().get_template("report.html.j2").render(**context)
+    if refused:
+        import sys
+
+        from ..errors import shown
+
+        unique = dict(refused)  # a base image is shown beside each of its seed's edits
+        first, reason = next(iter(unique.items()))
+        more = f"; and {len(unique) - 1} more" if len(unique) > 1 else ""
+        print(f"zoom: warning: {len(unique)} gallery image(s) left out of report.html (shown as missing; nothing "
+              f"outside the run directory was read): {shown(first)} {reason}{more}", file=sys.stderr)
+    return page
 
 
 def render_compare(comparison: dict) -> str:
-    rows = comparison["attributes"] + [dict(comparison["null"], reference=True)]
-    figure = plots.difference_plot(rows)
-    return _env().get_template("compare.html.j2").render(c=comparison, figure=figure)
+    attributes = comparison["attributes"]
+    plotted = top_shown(len(attributes), PLOT_TOP)
+    title = None if plotted["all"] else \
+        f"Top {PLOT_TOP} of {len(attributes):,} attributes by the comparison's order (the table lists all)"
+    figure = plots.difference_plot(attributes[:PLOT_TOP] + [dict(comparison["null"], reference=True)], title)
+    return _env().get_template("compare.html.j2").render(c=comparison, figure=figure, plotted=plotted)

@@ -73,15 +73,18 @@ def _ok(x) -> bool:
 
 
 def forest_plot(rows: list[dict], null: dict | None, *, x_label="flip rate (dot) and its 95% Wilson interval",
-                reference_label="null control") -> str:
-    """One row per attribute: flip rate and its interval; the null's rate as a dashed line over its band."""
+                reference_label="null control", title: str | None = None) -> str:
+    """One row per attribute: flip rate and its interval; the null's rate as a dashed line over its band.
+    The caller keeps `rows` to a readable number (report.html: the top PLOT_TOP) and says so in `title`."""
     import matplotlib
 
     with matplotlib.rc_context(_RC):
         n = max(len(rows), 1)
-        fig = _figure(7.2, 0.34 * n + 1.15)
+        fig = _figure(7.2, 0.34 * n + 1.15 + 0.25 * bool(title))
         ax = fig.add_subplot()
         _style(ax)
+        if title:
+            ax.set_title(label(title, 110), loc="left")
         if null is not None and _ok(null.get("flip_rate")):
             ax.axvspan(null["ci_low"], null["ci_high"], color=NULL, alpha=0.09, lw=0)
             ax.axvline(null["flip_rate"], color=NULL, ls="--", lw=1.3,
@@ -118,15 +121,17 @@ def _interval_rows(ax, rows: list[dict], keys: tuple[str, str, str], style) -> N
     ax.set_ylim(-0.6, n - 0.4)
 
 
-def difference_plot(rows: list[dict]) -> str:
+def difference_plot(rows: list[dict], title: str | None = None) -> str:
     """compare: per attribute the difference of flip rates (B - A) and its Newcombe interval."""
     import matplotlib
 
     with matplotlib.rc_context(_RC):
         n = max(len(rows), 1)
-        fig = _figure(7.2, 0.34 * n + 1.15)
+        fig = _figure(7.2, 0.34 * n + 1.15 + 0.25 * bool(title))
         ax = fig.add_subplot()
         _style(ax)
+        if title:
+            ax.set_title(label(title, 110), loc="left")
         ax.axvline(0, color="#0f172a", lw=1)
         def style(row):
             if row.get("significant"):
