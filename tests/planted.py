@@ -93,7 +93,7 @@ def planted_config(folder):
     return path
 
 
-def audit_readout(folder, config_path, readout, name, samples=PLANTED_SAMPLES):
+def audit_readout(folder, config_path, readout, name, samples=PLANTED_SAMPLES, seed=None):
     """Save a readout as TorchScript and audit it through the `torchscript:` spec and the CLI, like any
     user model; returns (run directory, report)."""
     import json
@@ -108,7 +108,8 @@ def audit_readout(folder, config_path, readout, name, samples=PLANTED_SAMPLES):
     torch.jit.script(readout).save(str(model_path))
     out = folder / f"run-{name}"
     result = CliRunner().invoke(main, ["audit", "--config", str(config_path), "--target", f"torchscript:{model_path}",
-                                       "--samples", str(samples), "--out", str(out)])
+                                       "--samples", str(samples), "--out", str(out),
+                                       *([] if seed is None else ["--seed", str(seed)])])
     assert result.exit_code == 0, result.output
     print(f"\n{name} target:\n{result.stdout}")
     report = json.loads((out / "report.json").read_text())

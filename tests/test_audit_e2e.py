@@ -67,6 +67,18 @@ def test_zoom_demo_end_to_end_in_a_subprocess(demo_run):
     assert "shapes world" in (out / "report.html").read_text()  # the description, at the top of the page
 
 
+@pytest.mark.parametrize("seed", [100, 200])
+def test_the_demo_verdict_holds_at_other_seeds(tmp_path, seed):
+    """The demo's claim (red first and significant, nothing else significant) at two more disjoint seed
+    ranges than the demo's own 0-15 (README: it held at eight ranges, 0-715)."""
+    import zoom
+
+    report = zoom.audit("demo", tmp_path / "run", seed=seed, progress=False)
+    first, *others = report["attributes"]
+    assert first["name"] == "red" and first["significant"] and first["confirmed_flips"] >= 12, first
+    assert not any(a["significant"] for a in others), others
+
+
 @pytest.mark.parametrize("mode,edit_space", [("single", "text"), ("single", "latent"), ("single", "both"),
                                              ("joint", "text"), ("sweep", "text")])
 def test_every_mode_and_edit_space_runs(tmp_path, demo_config, mode, edit_space):
@@ -84,7 +96,10 @@ def test_every_mode_and_edit_space_runs(tmp_path, demo_config, mode, edit_space)
             assert r["alpha"] == 0 and 0 < r["delta_rel"] <= search.delta_max + 1e-4
             assert r["strength"] == pytest.approx(r["delta_rel"])
         if mode == "single" and edit_space == "text":  # the bracket: forward passes, the flip in (low, strength]
-            assert r["unet_calls"] in (search.grid_points, search.grid_points + 4) and isinstance(r["monotone"], bool)
+            from zoom.search import REFINE_ROUNDS  # grid, probes near the boundary, bisection
+
+            assert search.grid_points <= r["unet_calls"] <= search.grid_points + 2 * REFINE_ROUNDS + 4
+            assert isinstance(r["monotone"], bool)
             assert r["strength_low"] < r["strength"] <= 1.0 if r["flipped"] else r["strength_low"] == 1.0
         if mode == "sweep":
             grid = [point[0] for point in r["curve"]]

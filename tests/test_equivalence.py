@@ -8,6 +8,10 @@ from PIL import Image
 
 SEEDS = [0, 7, 1234]
 DOMAIN = "a photo of a person's face"
+# Base images across batch sizes: one generator per seed makes the initial noise identical, bit for bit;
+# the UNet's and the VAE's batched kernels then round differently from unbatched ones, so the images agree
+# to float rounding only (measured: at most 9.8e-6 on the tiny models, 2.7e-6 on the world, 1 thread).
+BATCH_TOLERANCE = 2e-5
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -26,18 +30,31 @@ def test_generator_at_alpha_zero_equals_the_diffusers_pipeline(tiny, steps, guid
                          generator=torch.Generator().manual_seed(seed), output_type="pt").images[0]
         error = (ours[i] - reference).abs().max().item()
         print(f"steps={steps} guidance={guidance_scale} seed={seed} max|ours - pipeline| = {error:.2e}")
-        assert error < 1e-4
+        assert error <= BATCH_TOLERANCE  # one batch of three against the pipeline's batches of one
     assert ours.std(0).mean() > 0.01, "different seeds must give different images"
 
 
-def test_generator_images_do_not_depend_on_batch_composition(tiny):
+@pytest.mark.parametrize("model", ["tiny-1-step", "tiny-2-steps-cfg", "world"])
+def test_base_images_across_batch_sizes_agree_to_float_rounding(tiny, model):
+    from zoom import world
     from zoom.generator import Generator
 
-    gen = Generator.from_pretrained(str(tiny["sd"]), steps=1)
-    cond = gen.embed(DOMAIN)
-    together = gen.images(SEEDS, cond.expand(3, -1, -1))
-    alone = gen.images([SEEDS[1]], cond)
-    assert (together[1] - alone[0]).abs().max() < 1e-4
+    folder, steps, guidance, prompt = {
+        "tiny-1-step": (tiny["sd"], 1, 0.0, DOMAIN), "tiny-2-steps-cfg": (tiny["sd"], 2, 4.5, DOMAIN),
+        "world": (world.models_dir() / "sd", 8, 3.0, "a small plain green square on a white background")}[model]
+    gen = Generator.from_pretrained(str(folder), steps=steps, guidance_scale=guidance)
+    cond = gen.embed(prompt)
+    seeds = list(range(8))
+    with torch.no_grad():
+        noise = gen.initial_noise(seeds)
+        assert all(torch.equal(noise[i], gen.initial_noise([s])[0]) for i, s in enumerate(seeds))  # exact
+        together = gen.images(seeds, cond.expand(8, -1, -1))
+        alone = torch.cat([gen.images([s], cond) for s in seeds])
+        pairs = torch.cat([gen.images(seeds[i:i + 2], cond.expand(2, -1, -1)) for i in range(0, 8, 2)])
+    errors = [(together - alone).abs().max().item(), (together - pairs).abs().max().item()]
+    print(f"{model}: max |batch 8 - batch 1| = {errors[0]:.2e}, |batch 8 - batch 2| = {errors[1]:.2e}")
+    assert max(errors) <= BATCH_TOLERANCE
+    assert together.std(0).mean() > 0.01, "different seeds must give different images"
 
 
 def test_text_embeddings_are_the_pipelines_own_and_cached(tiny):

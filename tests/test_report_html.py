@@ -299,3 +299,121 @@ def test_compare_page_in_a_real_browser_offline(planted_run, blind_run, tmp_path
     facts = _browse(tmp_path / "compare.html", tmp_path / "compare-screenshot.png")
     assert facts["broken"] == [] and facts["console"] == [] and facts["blocked"] == [] and facts["scripts"] == 0
     assert PLANTED in facts["text"] and "different" in facts["text"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What README promises about the page's policy, the CSV and the terminal, checked on the files
+# ---------------------------------------------------------------------------------------------
+
+
+def _policy(text: str) -> dict:
+    """The page's Content-Security-Policy (one, in a <meta> before anything that loads) as {directive: sources}."""
+    page = Page(text)
+    policies = [a["content"] for t, a in page.tags if t == "meta" and a.get("http-equiv", "").lower()
+                == "content-security-policy"]
+    assert len(policies) == 1, policies
+    first_loading = min((i for i, (t, _) in enumerate(page.tags) if t in ("img", "style", "link", "script")),
+                        default=len(page.tags))
+    assert next(i for i, (t, a) in enumerate(page.tags) if a.get("content") == policies[0]) < first_loading
+    directives = {}
+    for part in policies[0].split(";"):
+        words = part.split()
+        if words:
+            directives[words[0].lower()] = [w.lower() for w in words[1:]]
+    return directives
+
+
+def test_report_and_compare_pages_carry_a_policy_that_forbids_scripts_and_remote_fetches(hostile_run, tmp_path):
+    """README: "a Content-Security-Policy forbids scripts and remote fetches". Every fetch directive falls
+    back to default-src 'none' unless named; the named ones allow no script and no network source."""
+    twin = write_run(tmp_path / "twin", {XSS[0]: pattern(10, 20), XSS[1]: pattern(6, 20),
+                                         "rain & fog 100% $x$": pattern(3, 20), "null": pattern(3, 20)}, mode="sweep")
+    write_report(twin)
+    result = invoke("compare", hostile_run, twin, "--html", tmp_path / "compare.html")
+    assert result.exit_code == 0, result.output
+    for path in (hostile_run / "report.html", tmp_path / "compare.html"):
+        policy = _policy(path.read_text(encoding="utf-8"))
+        assert policy.get("default-src") == ["'none'"], (path.name, policy)
+        for directive in ("script-src", "script-src-elem", "script-src-attr", "connect-src", "worker-src",
+                          "frame-src", "child-src", "object-src", "font-src", "media-src", "manifest-src"):
+            assert directive not in policy, (path.name, directive)  # so each is default-src's 'none'
+        assert policy.get("base-uri") == ["'none'"] and policy.get("form-action") == ["'none'"]
+        allowed = [s for sources in policy.values() for s in sources]
+        assert not [s for s in allowed if s in ("*", "http:", "https:", "ws:", "wss:", "blob:")
+                    or "://" in s or s.startswith("'unsafe-eval") or s.startswith("'nonce-")], (path.name, policy)
+        assert set(policy.get("img-src", [])) <= {"'self'", "data:", "file:"}  # the run's own PNGs and SVG plots
+        assert set(policy.get("style-src", [])) <= {"'unsafe-inline'"}
+
+
+FORMULAS = ["=HYPERLINK(\"http://example.com\",\"x\")", "+1+2", "-2+3", "@SUM(A1:A2)"]
+
+
+def test_csv_cells_that_start_like_a_formula_get_a_leading_apostrophe(tmp_path):
+    import csv
+
+    names = FORMULAS + ["plain name"]
+    attributes = [{"name": n, "prompt": (n if n != "plain name" else "a photo of a person's face, plain")}
+                  for n in names]
+    prompts = {"domain": "a photo of a person's face", "attributes": attributes,
+               "null": "a picture of a person's face"}
+    run = write_run(tmp_path / "run", {**{n: pattern(3 + i, 16) for i, n in enumerate(names)},
+                                       "null": pattern(1, 16)}, prompts=prompts)
+    report = write_report(run)
+    rows = {row["name"]: row for row in csv.DictReader((run / "report.csv").open(encoding="utf-8", newline=""))}
+    for name in FORMULAS:
+        assert "'" + name in rows, sorted(rows)  # the name, shown as text by a spreadsheet
+        assert rows["'" + name]["prompt"] == "'" + name
+    assert rows["plain name"]["prompt"] == "a photo of a person's face, plain"  # the rest untouched
+    by_name = {a["name"]: a for a in report["attributes"]}
+    for name in names:  # the numbers of each row stay numbers
+        row = rows["'" + name if name in FORMULAS else name]
+        for column in ("n", "flips", "flip_rate", "ci_low", "ci_high", "p_value"):
+            assert float(row[column]) == pytest.approx(by_name[name][column]), (name, column)
+
+
+def test_control_characters_in_names_are_shown_as_escapes_in_the_terminal_table_and_the_plots(tmp_path):
+    """An attribute named with an ANSI escape, a NUL or a bell acts on neither the terminal (zoom report's
+    table) nor the SVG plots (raw control characters are not even legal XML): each is shown as an escape."""
+    import xml.etree.ElementTree as ET
+
+    names = ["\x1b[31mred\x1b[0m", "nul\x00byte", "bell\x07ring"]
+    run = write_run(tmp_path / "run", {names[0]: pattern(12, 16), names[1]: pattern(3, 16), names[2]: pattern(1, 16),
+                                       "null": pattern(1, 16)}, mode="sweep")
+    result = invoke("report", run)
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    assert all(c.isprintable() or c == "\n" for c in table), repr(table)
+    for shown in ("\\x1b[31mred\\x1b[0m", "nul\\x00byte", "bell\\x07ring"):
+        assert shown in table, (shown, table)
+    text = (run / "report.html").read_text(encoding="utf-8")
+    svgs = [base64.b64decode(u).decode("utf-8") for u in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', text)]
+    assert len(svgs) >= 2  # the forest plot, dose-response curves (a sweep), the strength histograms
+    for svg in svgs:
+        assert not [c for c in svg if ord(c) < 32 and c not in "\n\t\r" or c == "\x7f"]
+        ET.fromstring(svg)  # well-formed XML
+    forest = svgs[0]
+    for shown in ("x1b[31mred", "nul", "x00byte", "bell", "x07ring"):
+        assert shown in forest, shown
+
+
+def test_zoom_report_is_refused_while_the_run_is_locked_and_names_the_pid(tmp_path):
+    """README: `zoom report` takes the run's lock (the audit's own RunLock, held here by another process), so
+    it never races a running audit: it exits 2 saying which pid holds it, and writes nothing. The lock dies
+    with its holder. (tests/test_scale.py does the same against a real audit.)"""
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run", {"hat": pattern(2, 8), "null": pattern(1, 8)})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom zoom.rundir import RunLock\n"
+                               "lock = RunLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _one_line(invoke("report", run), "in use by another zoom process", f"pid {holder.pid})")
+        assert not any((run / name).exists() for name in ("report.json", "report.csv", "report.html"))
+    finally:
+        holder.kill()
+        holder.communicate(timeout=60)
+    result = invoke("report", run)
+    assert result.exit_code == 0, result.output
+    assert (run / "report.json").is_file()

@@ -163,7 +163,7 @@ def test_kill_and_resume_gives_the_uninterrupted_records_and_report(tmp_path, re
     assert _statistics(out) == _statistics(reference_run)
 
 
-def test_a_second_writer_on_the_same_run_directory_is_refused(tmp_path, tiny):
+def test_a_second_writer_or_zoom_report_on_a_running_audit_is_refused_naming_its_pid(tmp_path, tiny):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-c", KILLER, "stall", "audit", "--config", DEMO, "--samples", "8",
                               "--out", str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -175,19 +175,81 @@ def test_a_second_writer_on_the_same_run_directory_is_refused(tmp_path, tiny):
             time.sleep(0.2)
         second = _zoom("audit", "--config", DEMO, "--samples", "8", "--out", str(out), "--resume")
         third = _zoom("audit", "--config", DEMO, "--samples", "8", "--out", str(out))
+        report = _zoom("report", str(out))
         assert first.poll() is None, "the first audit must still hold the directory"
     finally:
         first.kill()
         first.communicate(timeout=60)
-    assert second.returncode == 2 and "in use by another zoom process" in second.stderr
+    for refused in (second, report):  # both name the audit that holds the run
+        assert refused.returncode == 2 and "in use by another zoom process" in refused.stderr, refused.stderr
+        assert f"(pid {first.pid})" in refused.stderr, refused.stderr
+    assert not (out / "report.json").exists()
     assert third.returncode == 2 and "already exists" in third.stderr
-    for result in (second, third):
+    for result in (second, third, report):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (out / "records" / "rank-0.jsonl").exists() or not (out / "records" / "rank-0.jsonl").read_text()
     # The lock died with its holder: the run can now be resumed to completion.
     resumed = _zoom("audit", "--config", DEMO, "--samples", "8", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(_records(out)) == 8 * 8  # 4 attributes and their null twins
+
+
+@pytest.mark.parametrize("what", [
+    "images-files",
+    "images-folder",
+])
+def test_a_folder_made_read_only_mid_run_ends_in_one_line_and_resume_finishes(tmp_path, tiny, monkeypatch, what):
+    """README: a read-only folder ends the run with one line naming the path and what was kept (whole batches
+    of records, no temporary file); --resume finishes it later. After the first batch of records is on disk
+    the run's images/ folder turns read-only (EACCES as a user gets it; root ignores chmod, so the refusal is
+    simulated at the system calls): for the PNGs of its existing folders ("images-files"), and also for
+    the new folders of the next arms ("images-folder")."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from zoom.cli import main
+
+    out = tmp_path / "run"
+    images = str(out / "images") + os.sep
+    real_open, real_mkdir, real_fsync, read_only = os.open, os.mkdir, os.fsync, []
+
+    def refuse(path):
+        if read_only and os.path.abspath(os.fspath(path)).startswith(images):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+    def fsync(fd):  # the first batch of records is on disk: now the folder turns read-only
+        real_fsync(fd)
+        read_only.append(True)
+
+    def opener(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if what == "images-folder":
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    args = ["audit", "--config", DEMO, "--samples", "2", "--out", str(out)]
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", opener)
+        patch.setattr(os, "mkdir", mkdir)
+        patch.setattr(os, "fsync", fsync)
+        refused = CliRunner().invoke(main, args)
+    assert read_only, "the run never wrote a batch of records"
+    assert refused.exit_code == 2, (refused.exit_code, refused.output)
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoom: error: ") and "Traceback" not in refused.output, lines
+    assert images.rstrip(os.sep) in lines[0] and "Permission denied" in lines[0]  # names the path and why
+    assert "kept" in lines[0] and "--resume" in lines[0], lines[0]  # what was kept, and how to go on
+    kept = (out / "records" / "rank-0.jsonl").read_text().splitlines()
+    assert len(kept) == 2 and all(json.loads(line)["status"] == "ok" for line in kept)  # the whole first batch
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    resumed = CliRunner().invoke(main, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(_records(out)) == 2 * 8  # 4 attributes and their null twins, 2 seeds
 
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_records(tmp_path, demo_config, demo_models,
@@ -286,6 +348,91 @@ def test_fp16_decodes_the_vae_in_fp32_and_bf16_runs_end_to_end(tmp_path, demo_co
     assert agree >= 0.9
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gradient_search_scales_the_loss_under_fp16_only_and_keeps_its_parameters_fp32(
+        tmp_path, demo_config, demo_models, precision):
+    """A gradient search (latent edits: every item is searched by Adam) under autocast: with fp16 the loss is
+    scaled (torch.amp.GradScaler, enabled, its factor applied before backward) and Adam steps on unscaled
+    fp32 gradients; bf16 has fp32's exponent range and needs no scaling. Either way the edit parameters
+    and Adam's state stay fp32 and every item finishes."""
+    from zoom.runner import run_audit
+
+    scalers, steps = [], []
+    real_scaler, real_step = torch.amp.GradScaler, torch.optim.Adam.step
+
+    class Spy(real_scaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.factors = []
+            scalers.append(self)
+
+        def scale(self, outputs):
+            scaled = super().scale(outputs)
+            self.factors.append(float(scaled.detach()) / float(outputs.detach()))
+            return scaled
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                steps.append((p.dtype, p.grad.dtype if p.grad is not None else None,
+                              state.get("exp_avg", p).dtype, state.get("exp_avg_sq", p).dtype))
+        return result
+
+    config = dataclasses.replace(demo_config, precision=precision, search=dataclasses.replace(
+        demo_config.search, samples=4, batch_size=4, edit_space="latent", max_steps=8))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.amp, "GradScaler", Spy)
+        patch.setattr(torch.optim.Adam, "step", step)
+        run_audit(config, tmp_path / "run", models=demo_models, progress=False)
+    records = _records(tmp_path / "run").values()
+    assert len(records) == 32 and all(r["status"] == "ok" and r["precision"] == precision for r in records)
+    assert scalers and all(s.factors for s in scalers)  # one scaler per search, used at every step
+    if precision == "fp16":
+        assert all(s.is_enabled() and min(s.factors) > 1 for s in scalers)
+    else:
+        assert not any(s.is_enabled() for s in scalers) and {f for s in scalers for f in s.factors} == {1.0}
+    # Adam stepped (GradScaler skips a step whose scaled gradients overflowed), on fp32 everything
+    assert steps and set(steps) == {(torch.float32,) * 4}
+    print(f"{precision}: {sum(len(s.factors) for s in scalers)} scaled backward passes, "
+          f"{len(steps)} Adam parameter updates, final scales {sorted({s.get_scale() for s in scalers})}")
+
+
+def test_cpu_threads_default_to_one_for_small_models_and_one_per_core_for_big_ones(monkeypatch, demo_config,
+                                                                                     demo_models, tmp_path):
+    """README (Scale, CPU threads): a UNet under 20 M parameters runs on one thread per process; a bigger one
+    gets one thread per core, divided among processes; OMP_NUM_THREADS overrides both; GPUs are left alone.
+    Checked on configure_threads itself and on a real audit (which must call it)."""
+    from types import SimpleNamespace
+
+    from zoom.models import SMALL_UNET, configure_threads
+    from zoom.runner import run_audit
+
+    def generator(parameters):  # a UNet of that size, on the meta device (no memory)
+        return SimpleNamespace(unet=torch.nn.Linear(parameters, 1, bias=False, device="meta"))
+
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert configure_threads(cpu, generator(SMALL_UNET - 1)) == 1 == torch.get_num_threads()
+        assert configure_threads(cpu, generator(SMALL_UNET)) == 16 == torch.get_num_threads()
+        assert configure_threads(cpu, generator(SMALL_UNET), processes=4) == 4 == torch.get_num_threads()
+        assert configure_threads(cpu, generator(SMALL_UNET), processes=32) == 1
+        torch.set_num_threads(3)
+        assert configure_threads(torch.device("cuda"), generator(SMALL_UNET - 1)) == 3  # a GPU run: untouched
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert configure_threads(cpu, generator(SMALL_UNET - 1)) == 3 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(2)  # as torch starts on a 2-core machine
+        config = dataclasses.replace(demo_config, search=dataclasses.replace(demo_config.search, samples=1))
+        run_audit(config, tmp_path / "run", models=demo_models, progress=False)
+        assert torch.get_num_threads() == 1  # the tiny models are small: the audit ran on one thread
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     from zoom.generator import Generator
 
@@ -302,29 +449,64 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 
 
 def test_loop_decoder_searches_with_taesd_and_judges_with_the_full_vae(tmp_path, tiny, demo_config):
+    """With `loop_decoder`, the gradient search decodes with TAESD; every saved counterfactual is the full
+    VAE's decode of the latents the search ended at (not TAESD's decode of them: the tiny TAESD is random
+    and far from the tiny VAE), and its recorded verdict is the target's on that image. Latent edits: the
+    gradient search runs for every item (the text bracket uses the full VAE only)."""
+    import numpy as np
+    from PIL import Image
+
     from zoom.models import load_models
     from zoom.runner import run_audit
+    from zoom.search import Searcher
 
     generator = dataclasses.replace(demo_config.generator, loop_decoder=str(tiny["taesd"]))
     config = dataclasses.replace(demo_config, generator=generator,
-                                 search=dataclasses.replace(demo_config.search, samples=8))
+                                 search=dataclasses.replace(demo_config.search, samples=4, batch_size=4,
+                                                            edit_space="latent", max_steps=2))
     models = load_models(config, "cpu")
-    assert type(models.generator.loop_decoder).__name__ == "AutoencoderTiny"
-    report = run_audit(config, tmp_path / "run", models=models, progress=False)
-    records = list(_records(tmp_path / "run").values())
-    assert len(records) == 64 and all(r["status"] == "ok" for r in records)
-    # Saved counterfactuals come from the full VAE, and their recorded verdict is the target's on them.
-    from PIL import Image
-    import numpy as np
+    gen = models.generator
+    assert type(gen.loop_decoder).__name__ == "AutoencoderTiny"
+    loop_images, ended = [], []  # every TAESD image of the run; (latents, saved image) of items ended in the loop
+    real_decode, real_confirm = gen.decode, Searcher._confirm_with_full_vae
 
-    agree = 0
-    for r in records:
-        image = torch.from_numpy(np.array(Image.open(tmp_path / "run" / r["counterfactual_image"]))).permute(2, 0, 1)
-        with torch.no_grad():
-            logits = models.target(image[None].float() / 255)
-        agree += int(models.criterion.decision(logits)) == r["final_pred"]
-    assert agree >= 0.9 * len(records)  # (PNGs are 8-bit: near-ties may go either way)
-    assert report["attributes"]
+    def decode(latents, in_loop=False):
+        image = real_decode(latents, in_loop=in_loop)
+        if in_loop:
+            loop_images.extend(image.detach().float())
+        return image
+
+    def confirm(self, outcome, latents, base, idx):
+        real_confirm(self, outcome, latents, base, idx)
+        ended.extend((latents[i].detach().clone(), outcome.images[i].detach().clone()) for i in idx)
+
+    gen.decode = decode
+    Searcher._confirm_with_full_vae = confirm
+    try:
+        run_audit(config, tmp_path / "run", models=models, progress=False)
+    finally:
+        del gen.decode
+        Searcher._confirm_with_full_vae = real_confirm
+    records = list(_records(tmp_path / "run").values())
+    assert len(records) == 32 and all(r["status"] == "ok" for r in records)
+    saved = {r["key"]: torch.from_numpy(np.array(Image.open(tmp_path / "run" / r["counterfactual_image"])))
+             .permute(2, 0, 1).float() / 255 for r in records}
+    png = 0.5 / 255 + 1e-6  # PNGs are 8-bit
+
+    assert len(ended) == len(records)  # with latent edits every item ends in the gradient loop
+    with torch.no_grad():
+        for latents, image in ended:
+            full, fast = gen.decode(latents[None])[0], gen.decode(latents[None], in_loop=True)[0]
+            assert float((image - full).abs().max()) < 1e-5  # the full VAE's decode of the same latents ...
+            assert float((full - fast).abs().max()) > 0.1  # ... which TAESD's decode of them is not
+            assert min(float((s - image).abs().max()) for s in saved.values()) <= png  # and that image is saved
+    assert loop_images, "the search never decoded with TAESD"
+    for key, image in saved.items():  # no saved counterfactual is an image TAESD made in the loop
+        assert min(float((image - t).abs().max()) for t in loop_images) > 0.1, key
+    with torch.no_grad():  # the recorded verdict is the target's on the saved (full-VAE) image
+        verdicts = {k: int(models.criterion.decision(models.target(x[None]))) for k, x in saved.items()}
+    agree = sum(verdicts[r["key"]] == r["final_pred"] for r in records)
+    assert agree >= 0.9 * len(records)  # (8-bit PNGs: near-ties may go either way)
 
 
 def test_bench_tiny_prints_one_json_line_with_every_field(tiny):

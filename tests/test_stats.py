@@ -167,11 +167,61 @@ def test_rate_above_is_the_exact_binomial_tail():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_paired_interval_without_correlation_is_the_hybrid_interval_of_the_margins():
-    # AD - BC = 0: phi = 0, so the interval is the independent-samples hybrid interval of the margins
-    low, high = paired_difference_interval(both=4, only_1=4, only_2=4, neither=4)
-    ref = difference_interval(8, 16, 8, 16)
-    assert (low, high) == pytest.approx(ref, abs=1e-12)
+def newcombe_paired_reference(a, b, c, d, confidence=0.95):
+    """Method 10 of Newcombe (1998b, Statistics in Medicine 17:2635), written from the paper's formula
+    with statsmodels' Wilson limits: a = both, b = only the first, c = only the second, d = neither."""
+    n = a + b + c + d
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = proportion_confint(a + b, n, alpha=1 - confidence, method="wilson")
+    l2, u2 = proportion_confint(a + c, n, alpha=1 - confidence, method="wilson")
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c
+    corrected = cross - n / 2 if cross > n / 2 else (0.0 if cross >= 0 else cross)
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    delta = math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    epsilon = math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
+    return p1 - p2 - delta, p1 - p2 + epsilon
+
+
+def test_paired_interval_reproduces_a_published_example():
+    """Cavo et al. (2012), complete response before and after consolidation therapy, 161 patients: both 59,
+    before only 6, after only 16, neither 80. Newcombe's square-and-add interval as published in Fagerland,
+    Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8 (and the R package
+    contingencytables' tests): -0.0621 (95% CI -0.1186 to -0.0046)."""
+    low, high = paired_difference_interval(both=59, only_1=6, only_2=16, neither=80)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
+
+
+def test_paired_interval_equals_newcombes_formula_on_every_small_table():
+    """Every 2x2 table of up to 12 pairs (1,819 tables), against the paper's formula written independently."""
+    tables = [(a, b, c, n - a - b - c) for n in range(1, 13) for a in range(n + 1) for b in range(n + 1 - a)
+              for c in range(n + 1 - a - b)]
+    assert len(tables) == 1819
+    for table in tables:
+        assert paired_difference_interval(*table) == pytest.approx(newcombe_paired_reference(*table), abs=1e-12), table
+    for confidence in (0.8, 0.99):
+        assert paired_difference_interval(30, 9, 2, 40, confidence) == pytest.approx(
+            newcombe_paired_reference(30, 9, 2, 40, confidence), abs=1e-12)
+
+
+@pytest.mark.parametrize("table,correlation", [((4, 4, 4, 4), "none"), ((3, 3, 3, 4), "none"), ((0, 0, 6, 10), "none"),
+                                               ((2, 1, 1, 2), "none"), ((0, 5, 3, 0), "negative"),
+                                               ((2, 7, 1, 0), "negative"), ((3, 12, 9, 8), "negative")])
+def test_paired_interval_against_statsmodels_newcombe_hybrid_of_the_margins(table, correlation):
+    """With AD - BC in [0, n/2] (phi = 0 after Newcombe's shrinkage by n/2) the paired interval is Newcombe's
+    hybrid interval for independent samples of the margins, which statsmodels computes; a negative
+    correlation between the pairs makes it wider on both sides."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    a, b, c, d = table
+    n = a + b + c + d
+    assert (0 <= a * d - b * c <= n / 2) == (correlation == "none")
+    reference = tuple(map(float, confint_proportions_2indep(a + b, n, a + c, n, method="newcomb", compare="diff")))
+    low, high = paired_difference_interval(*table)
+    if correlation == "none":
+        assert (low, high) == pytest.approx(reference, abs=1e-12)
+    else:
+        assert low < reference[0] and high > reference[1]
 
 
 def test_paired_interval_narrows_with_positive_correlation_and_stays_in_range():

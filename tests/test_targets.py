@@ -99,3 +99,58 @@ def test_sdxl_class_pipelines_are_refused_with_a_clear_error(tiny, tmp_path):
     (xl / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ZoomError, match="SDXL"):
         Generator.from_pretrained(str(xl))
+
+
+REMOTE_CODE = '''import os
+from pathlib import Path
+
+from transformers import ResNetConfig, ResNetForImageClassification
+
+Path(os.environ["ZOOM_TEST_REMOTE_CODE_MARKER"]).write_text("remote code ran")
+
+
+class MarkedConfig(ResNetConfig):
+    model_type = "zoom-marked-resnet"
+
+
+class MarkedResNet(ResNetForImageClassification):
+    config_class = MarkedConfig
+'''
+
+
+def test_remote_code_of_an_hf_target_runs_only_with_trust_remote_code(tmp_path, tiny):
+    """README: "remote code runs only with --trust-remote-code". A transformers folder whose model is custom
+    code (auto_map) that leaves a marker file when imported: without the flag the audit is refused in one
+    line before the code runs; with it the code runs and the audit finishes. Each in its own process, with
+    transformers' module cache in tmp_path."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "remote-model"
+    shutil.copytree(tiny["target"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="zoom-marked-resnet", architectures=["MarkedResNet"],
+                  auto_map={"AutoConfig": "modeling_marked.MarkedConfig",
+                            "AutoModelForImageClassification": "modeling_marked.MarkedResNet"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_marked.py").write_text(REMOTE_CODE)
+    marker = tmp_path / "marker"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "ZOOM_TEST_REMOTE_CODE_MARKER": str(marker)}
+
+    def audit(out, *flag):
+        return subprocess.run([sys.executable, "-m", "zoom", "audit", "--config", "tiny", "--target", f"hf:{folder}",
+                               "--samples", "1", "--out", str(tmp_path / out), *flag],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    refused = audit("refused")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoom: error: target.spec") and "custom code" in lines[0], lines
+    assert not marker.exists() and not (tmp_path / "refused").exists()  # nothing ran, nothing written
+    trusted = audit("trusted", "--trust-remote-code")
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert marker.read_text() == "remote code ran"
+    resolved = (tmp_path / "trusted" / "config.yaml").read_text()
+    assert "trust_remote_code: true" in resolved  # the run says it trusted the code

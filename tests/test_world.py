@@ -60,7 +60,7 @@ def test_zoom_generator_reproduces_the_diffusers_pipeline_on_the_world():
                   generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt").images
     with torch.no_grad():
         mine = ours.images(seeds, ours.embed(prompt).expand(2, -1, -1))
-    assert (mine - theirs).abs().max() < 1e-4
+    assert (mine - theirs).abs().max() <= 2e-5  # the same batch of two: measured exactly equal
 
 
 def _oracle(name, images):
@@ -70,73 +70,96 @@ def _oracle(name, images):
         return load_target(f"hf:{WORLD / 'oracles' / name}")(images).argmax(1).numpy()
 
 
-def test_quality_bars_as_measured_and_on_fresh_samples():
-    """README's bars, as tools/train_world.py measured them (quality.json), and again here on 48 fresh
-    samples of held-out combinations (a looser bound: 48 samples are noisy)."""
-    for group in ("generated_seen", "generated_held_out"):
-        assert all(QUALITY[group][n] >= 0.9 for n in NAMES), QUALITY[group]
-        assert QUALITY[group]["all"] >= 0.8, QUALITY[group]
-    # The judge meets the issue's 95 % zero-shot bar; the guide misses it on one attribute (shape, 93.5 %:
-    # small squares read as circles), as README says. The guide only steers, the judge scores.
-    assert min(QUALITY["clip_judge_zero_shot"].values()) >= 0.95, QUALITY["clip_judge_zero_shot"]
-    assert min(QUALITY["clip_guide_zero_shot"].values()) >= 0.93, QUALITY["clip_guide_zero_shot"]
-    assert all(v["turned_on"] >= 0.9 for v in QUALITY["interpolation"].values()), QUALITY["interpolation"]
-
+@pytest.fixture(scope="module")
+def pipe():
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(WORLD / "sd", safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(2026)
-    items = []
-    while len(items) < 48:
+    return pipe
+
+
+def _train_world():
+    """tools/train_world.py, the code that measured quality.json (its evaluate stage), and its recipe."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    tools = Path(__file__).parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    import train_world
+
+    return train_world, yaml.safe_load((tools / "world.yaml").read_text())
+
+
+def test_generated_images_meet_the_quality_bars_measured_live(pipe):
+    """README's bars on the generator, measured here again as tools/train_world.py's evaluate stage does (its
+    200 held-out and 200 seen captions, seeds 1000-1199, scored by the oracles; ~10 s): each attribute
+    right in >= 90 % of the held-out combinations, all five at once in >= 80 %; and the figures are the
+    ones quality.json and README report (to one image in 200)."""
+    _, recipe = _train_world()
+    rng = np.random.default_rng(recipe["seed"] + 90)
+    count = recipe["evaluate"]["samples"]
+    combos = {"held_out": [], "seen": []}
+    while min(len(v) for v in combos.values()) < count:
         a = {n: ATTRIBUTES[n][rng.integers(len(ATTRIBUTES[n]))] for n in NAMES}
-        if world.held_out(a["shape"], a["colour"], a["background"]):
-            items.append(a)
-    images = pipe([caption(a) for a in items], num_inference_steps=8, guidance_scale=3.0,
-                  generator=[torch.Generator().manual_seed(5000 + i) for i in range(len(items))],
-                  output_type="pt").images
-    right = np.stack([_oracle(n, images) == np.array([ATTRIBUTES[n].index(a[n]) for a in items]) for n in NAMES], 1)
-    print(f"\nfresh held-out samples: {dict(zip(NAMES, right.mean(0).round(3)))}, all {right.all(1).mean():.3f}")
-    assert right.mean(0).min() >= 0.8 and right.all(1).mean() >= 0.6
+        group = "held_out" if world.held_out(a["shape"], a["colour"], a["background"]) else "seen"
+        if len(combos[group]) < count:
+            combos[group].append(a)
+    live = {}
+    for group, items in combos.items():
+        with torch.no_grad():
+            images = torch.cat([pipe([caption(a) for a in items[i:i + 50]], num_inference_steps=8, guidance_scale=3.0,
+                                     generator=[torch.Generator().manual_seed(1000 + j) for j in range(i, i + 50)],
+                                     output_type="pt").images for i in range(0, len(items), 50)])
+        right = np.stack([_oracle(n, images) == np.array([ATTRIBUTES[n].index(a[n]) for a in items]) for n in NAMES], 1)
+        live[group] = {**dict(zip(NAMES, right.mean(0).tolist())), "all": float(right.all(1).mean())}
+    print(f"\ngenerated, scored by the oracles (live): {live}")
+    held = live["held_out"]
+    assert min(held[n] for n in NAMES) >= 0.9 and held["all"] >= 0.8, held  # the issue's bars (README)
+    for group in live:
+        for key, value in live[group].items():
+            assert value == pytest.approx(QUALITY[f"generated_{group}"][key], abs=1.01 / count), (group, key)
 
 
-def test_clips_and_oracles_on_fresh_rendered_images():
-    import open_clip
-
+def test_clips_zero_shot_meet_their_bars_and_the_oracles_are_right_on_fresh_rendered_images():
+    """2,000 fresh rendered scenes (seeds 10000-11999, not the training or test split): the oracles right on
+    >= 98 % of each attribute; the judge CLIP zero-shot >= 95 % on every attribute (the issue's bar, README),
+    the guide >= 95 % except on shape, where README reports it missed the bar and the tests hold it to its
+    measured 93 % (measured here: judge shape 95.3 %, guide shape 93.3 %)."""
     from zoom.guide import Clip
 
-    scenes = [Scene.from_seed(10_000 + i) for i in range(400)]
+    scenes = [Scene.from_seed(10_000 + i) for i in range(2000)]
     x = torch.from_numpy(np.stack([render(s).image for s in scenes])).permute(0, 3, 1, 2).float() / 255
     truth = {n: np.array([ATTRIBUTES[n].index(getattr(s, n)) for s in scenes]) for n in NAMES}
     for n in NAMES:
         assert (_oracle(n, x) == truth[n]).mean() >= 0.98, n
+    accuracy = {}
     for which in ("guide", "judge"):
         clip = Clip.load(f"local-dir:{WORLD / which}")
         with torch.no_grad():
-            img = clip.embed_images(x)
+            img = torch.cat([clip.embed_images(x[i:i + 500]) for i in range(0, len(x), 500)])
             for n in NAMES:
                 texts = clip.embed_texts([caption({n: v}) for v in ATTRIBUTES[n]])
-                accuracy = ((img @ texts.T).argmax(1).numpy() == truth[n]).mean()
-                assert accuracy >= (0.93 if which == "judge" else 0.9), (which, n, accuracy)
-    del open_clip
+                accuracy[which, n] = float(((img @ texts.T).argmax(1).numpy() == truth[n]).mean())
+    print(f"\nzero-shot accuracy on fresh rendered scenes: {accuracy}")
+    for (which, n), value in accuracy.items():
+        bar = 0.93 if (which, n) == ("guide", "shape") else 0.95
+        assert value >= bar, (which, n, value)
 
 
-def test_the_targets_learned_what_their_data_taught():
-    """Balanced: right on every group. Biased (red circles at p = 0.95): right on the common groups, worse
-    on the groups that break the correlation (red squares and triangles, circles of other colours)."""
-    from zoom.targets import load_target
-
-    scenes = [Scene.from_seed(20_000 + i) for i in range(600)]
-    x = torch.from_numpy(np.stack([render(s).image for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    shape = np.array([ATTRIBUTES["shape"].index(s.shape) for s in scenes])
-    red = np.array([s.colour == "red" for s in scenes])
-    circle = shape == 0
-    breaking = (red & ~circle) | (~red & circle)
-    accuracy = {}
-    for name in ("shape-balanced", "shape-red-circles-p95"):
-        with torch.no_grad():
-            pred = load_target(f"hf:{WORLD / 'targets' / name}")(x).argmax(1).numpy()
-        accuracy[name] = ((pred == shape).mean(), (pred == shape)[breaking & red].mean())
-    print(f"\naccuracy (all, red squares and triangles): {accuracy}")
-    assert accuracy["shape-balanced"][0] >= 0.97 and accuracy["shape-balanced"][1] >= 0.95
-    assert accuracy["shape-red-circles-p95"][1] < accuracy["shape-balanced"][1]
+def test_text_interpolation_turns_the_attribute_on_measured_live(pipe):
+    """README: moving the text conditioning toward an attribute's caption (alpha <= 1.5) turns the attribute
+    on to its oracle in >= 90 % of the seeds that lacked it, in each of the 6 cases; measured again by the
+    evaluate stage's own code on the first 16 of its 32 seeds (~15 s). quality.json reports 100 % on all 32
+    in every case, so these 16 must all turn on too."""
+    train_world, recipe = _train_world()
+    live = train_world.interpolation_quality(recipe, pipe, WORLD, 16)
+    print(f"\ninterpolation (live, 16 seeds): {live}")
+    assert set(live) == set(QUALITY["interpolation"]) and len(live) == 6
+    for case, measured in live.items():
+        assert measured["seeds"] >= 5 and measured["turned_on"] >= 0.9, (case, measured)  # README's bar
+        assert measured["seeds"] <= QUALITY["interpolation"][case]["seeds"]
+        if QUALITY["interpolation"][case]["turned_on"] == 1.0:
+            assert measured["turned_on"] == 1.0, (case, measured)

@@ -13,14 +13,15 @@ triangle on gray, a small yellow square on black):
 - the balanced classifier in sweep mode (a grid, no search): nothing should be significant.
 On the demo's domain also:
 - the label's own attribute ("a circle", on squares) on the balanced classifier: a sanity audit;
-- the same audit as the strongest bias but searching the latent noise without the CLIP term: what an
-  adversarial search finds (its oracle validity should drop).
+- the same audit as the strongest bias but searching the latent noise without the CLIP term, with a
+  residual up to the size of the noise itself: what an adversarial search finds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ SHAPES = shapes_prompt_set()
 RED_ONLY = {**SHAPES, "attributes": [a for a in SHAPES["attributes"] if a["name"] == "red"]}
 SANITY = {**SHAPES, "attributes": [{"name": "circle", "prompt": SHAPES["domain"].replace("square", "circle")}]}
 FULL_SET_LEVELS = (0.2, 0.99)  # the whole shapes prompt set on the balanced and the most biased target
+LATENT_DELTA_MAX = 1.0  # the adversarial contrast's bound on |delta| / |noise|
 # the config's oracles name the whole set's attributes: an audit of fewer names only theirs
 RED_ONLY_RUN = {"prompts": RED_ONLY, "oracle": {"red": {"spec": "hf:${ZOOM_WORLD}/oracles/colour", "label": "red"}}}
 SANITY_RUN = {"prompts": SANITY, "oracle": {"circle": {"spec": "hf:${ZOOM_WORLD}/oracles/shape", "label": "circle"}}}
@@ -127,11 +129,24 @@ def validate(out: Path, samples: int, domains=tuple(DOMAINS), seed: int = 0) -> 
         sanity = audit(out, "sanity-circle", samples, seed=seed, target_spec=target_spec(0.2), **SANITY_RUN)
         results["sanity"] = {k: row(sanity, "circle").get(k) for k in ("flips", "n", "flip_rate", "confirmed_flips",
                                                                         "significant")}
+        # a residual as large as the noise itself (delta_max 1, against the config's 0.05): no lack of room
         latent = audit(out, "shapes-p99-latent-no-clip", samples, seed=seed, target_spec=target_spec(0.99),
-                       **RED_ONLY_RUN, edit_space="latent", search_lambda_clip=0.0)
+                       **RED_ONLY_RUN, edit_space="latent", search_lambda_clip=0.0, search_delta_max=LATENT_DELTA_MAX)
         results["latent_no_clip"] = {k: row(latent, "red").get(k) for k in ("flips", "n", "flip_rate", "oracle_rate",
                                                                             "confirmed_flips")}
+        red = [r for r in _records(out / "shapes-p99-latent-no-clip")
+               if r["attribute"] == "red" and r["status"] == "ok"]
+        results["latent_no_clip"].update(  # how far the search went, and whether it moved the decision at all
+            delta_max=LATENT_DELTA_MAX,
+            unflipped_delta_rel=[min(kept), statistics.median(kept)] if (kept := [
+                r["delta_rel"] for r in red if not r["flipped"]]) else None,  # [min, median]
+            decision_moved=sum(r["final_pred"] != r["base_pred"] for r in red))
     return results
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted((run / "records").glob("rank-*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
 
 
 def summarise(report: dict) -> dict:
@@ -181,11 +196,15 @@ def table(results: dict) -> str:
               + "; ".join(sweep) + "."]
     if "sanity" in results:
         s_, lat = results["sanity"], results["latent_no_clip"]
+        reach = "" if not lat.get("unflipped_delta_rel") else (
+            f"; the unflipped seeds' searches ended at {lat['unflipped_delta_rel'][1]:.2f} x |noise| (median), "
+            f"{lat['unflipped_delta_rel'][0]:.2f} at least")
         lines += [f"Sanity (balanced target, the label's own attribute: a green square made a circle): "
                   f"{s_['flips']}/{s_['n']} flipped, {s_['confirmed_flips']} confirmed, "
                   f"{'significant' if s_['significant'] else 'not significant'}.",
-                  f"Latent edits without the CLIP term on the p = 0.99 target: red flips {lat['flips']}/{lat['n']}, "
-                  f"{lat['confirmed_flips']} confirmed."]
+                  f"Latent edits without the CLIP term on the p = 0.99 target (|delta| up to {lat['delta_max']:g} x "
+                  f"|noise|{reach}): red flips {lat['flips']}/{lat['n']}, {lat['confirmed_flips']} confirmed; the "
+                  f"decision moved on {lat['decision_moved']}."]
     return "\n".join(lines)
 
 

@@ -194,6 +194,10 @@ RUN_FIELDS = {
 # Writing
 
 
+KEPT = ("finished items are kept; `zoom audit ... --resume` continues the run once zoom can write there again "
+        "(free space, permissions)")
+
+
 def _io_error(path, e: OSError, kept: str = "") -> ZoomError:
     reason = e.strerror or type(e).__name__
     return ZoomError(f"cannot write {str(path)!r}: {reason}{'; ' + kept if kept else ''}")
@@ -210,8 +214,7 @@ def atomic_write(path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _io_error(path, e, "finished items are kept; `zoom audit ... --resume` continues the run once "
-                                 "there is room") from None
+        raise _io_error(path, e, KEPT) from None
 
 
 def save_png(path: Path, image) -> None:
@@ -223,7 +226,7 @@ def save_png(path: Path, image) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _io_error(path.parent, e) from None
+        raise _io_error(path.parent, e, KEPT) from None
     atomic_write(path, buffer.getvalue())
 
 
@@ -255,8 +258,7 @@ class RecordWriter:
                 self._file.truncate(start)
             except OSError:
                 pass
-            raise _io_error(self.path, e, "the records written before are kept; `zoom audit ... --resume` "
-                                          "continues the run once there is room") from None
+            raise _io_error(self.path, e, KEPT) from None
 
     def close(self):
         try:
