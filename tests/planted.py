@@ -79,7 +79,7 @@ def blind_readout(calibration):
     return _readout(base, _orthogonal_part(random, list(changes.values())), 0.5)
 
 
-PLANTED_SAMPLES = 48
+PLANTED_SAMPLES = 192  # README: at 192 seeds the verdict held at ten seed ranges (0-900); at 48 it missed one in five
 
 
 def planted_config(folder):

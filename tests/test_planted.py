@@ -19,7 +19,7 @@ def test_planted_attribute_is_found_first_and_significant(planted_run):
     assert all(not a["raw_significant"] for a in ranked[1:]), "only the planted attribute matters"
     # A margin, not a photo finish: the planted attribute flips more often than any other and the null.
     assert ranked[0]["flip_rate"] >= ranked[1]["flip_rate"] + 0.1
-    assert ranked[0]["flip_rate"] >= report["null"]["flip_rate"] + 0.2
+    assert ranked[0]["flip_rate"] >= report["null"]["flip_rate"] + 0.12  # >= 0.16 at seeds 0-900 (README)
 
 
 def test_larger_edits_that_the_target_does_not_read_are_not_significant(planted_run):

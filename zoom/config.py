@@ -26,7 +26,7 @@ MODES = ("single", "joint", "sweep")
 DESCRIBED = ("target.spec", "prompts", "oracle")  # keys a config's description is about
 EDIT_SPACES = ("text", "latent", "both")
 PRECISIONS = ("fp32", "bf16", "fp16")
-TASKS = ("binary", "multiclass", "multilabel")
+TASKS = ("binary", "multiclass", "multilabel", "keypoints", "segmentation", "detection")
 
 
 @dataclass
@@ -50,9 +50,15 @@ class ClipConfig:
 class TargetConfig:
     spec: str = "torchvision:resnet50:IMAGENET1K_V2"
     task: str = "multiclass"
-    label: typing.Union[int, str, None] = None  # multilabel: which label's decision is audited
+    label: typing.Union[int, str, None] = None  # multilabel: the label audited; segmentation: the class (default largest)
     target_class: typing.Union[int, str, None] = None  # multiclass: flip *to* this class (targeted)
     trust_remote_code: bool = False
+    # keypoints: normalised mean error above which it flips (default 0.08); segmentation: IoU below which
+    # it flips (0.5); detection: the IoU a kept detection needs with its base box (0.5)
+    threshold: typing.Optional[float] = None
+    score_threshold: float = 0.5  # detection: base and matching detections score at least this
+    keypoint_norm: str = "diagonal"  # keypoints: error normaliser, the image diagonal or a pair 'A,B' (e.g. left_eye,right_eye)
+    background: typing.Optional[int] = 0  # segmentation: the class never audited by default (null: none)
 
 
 @dataclass
@@ -281,6 +287,25 @@ def validate(c: Config) -> None:
         value = _get(c, key)
         if isinstance(value, int) and value < 0:
             raise ZoomError(f"config key {key}={shown(value)} must be a class index >= 0 or a label name")
+    t = c.target
+    if t.threshold is not None:
+        high = math.inf if t.task == "keypoints" else 1.0
+        if t.task not in ("keypoints", "segmentation", "detection"):
+            raise ZoomError(f"config key target.threshold applies to tasks keypoints, segmentation and detection, "
+                            f"not {t.task}")
+        if not (math.isfinite(t.threshold) and 0 < t.threshold <= high):
+            raise ZoomError(f"config key target.threshold={shown(t.threshold)} is out of range: it must be > 0"
+                            + ("" if high == math.inf else " and <= 1"))
+    if not (math.isfinite(t.score_threshold) and 0 < t.score_threshold <= 1):
+        raise ZoomError(f"config key target.score_threshold={shown(t.score_threshold)} must be > 0 and <= 1")
+    if t.background is not None and t.background < 0:
+        raise ZoomError(f"config key target.background={shown(t.background)} must be a class index >= 0 or null")
+    if t.label is not None and t.task in ("keypoints", "detection"):
+        raise ZoomError(f"config key target.label applies to tasks multilabel and segmentation, not {t.task}")
+    parts = [p.strip() for p in t.keypoint_norm.split(",")]
+    if t.keypoint_norm != "diagonal" and (len(parts) != 2 or not all(parts)):
+        raise ZoomError(f"config key target.keypoint_norm={shown(t.keypoint_norm)} must be 'diagonal' or two "
+                        "keypoints 'A,B' (indices or names, e.g. 'left_eye,right_eye')")
     if c.target.target_class is not None and c.target.task != "multiclass":
         raise ZoomError(f"config key target.target_class applies to task multiclass, not {c.target.task}")
     if s.mode == "sweep" and s.edit_space != "text":

@@ -81,6 +81,7 @@ def load_models(config: Config, device, target=None) -> Models:
     from .manifest import check_models
     from .prompts import load_prompts
     from .targets import load_target, make_criterion
+    from .tasks import STRUCTURED_TASKS
     from .words import check_readable
 
     check_models(config, target=target is None)  # a model folder with a MANIFEST.json (the world) must match it
@@ -103,8 +104,14 @@ def load_models(config: Config, device, target=None) -> Models:
     check_readable(prompts, judge.tokenizer, "judge CLIP's tokenizer (judge.model)", nulls=False)  # it judges attributes
     target = load_target(target if target is not None else config.target.spec,
                          trust_remote_code=config.target.trust_remote_code, device=device)
-    criterion = make_criterion(config.target.task, config.target.label, config.target.target_class, target.labels)
-    check_target_output(target, config, generator.resolution, device)
+    t = config.target
+    structured = {}
+    if t.task in STRUCTURED_TASKS:
+        structured = dict(threshold=t.threshold, score_threshold=t.score_threshold, keypoint_norm=t.keypoint_norm,
+                          background=t.background, keypoint_names=getattr(target, "keypoint_names", None),
+                          image_size=generator.resolution)
+    criterion = make_criterion(t.task, t.label, t.target_class, target.labels, **structured)
+    check_target_output(target, config, generator.resolution, device, criterion)
     oracles = {}
     for name, oracle in config.oracle.items():
         model = load_target(oracle["spec"], device=device)
@@ -112,9 +119,11 @@ def load_models(config: Config, device, target=None) -> Models:
     return Models(generator, guide, judge, target, criterion, oracles)
 
 
-def check_target_output(target, config: Config, resolution: int, device) -> None:
+def check_target_output(target, config: Config, resolution: int, device, criterion=None) -> None:
     """One grey image through the target before any work: its output must fit the task, and the class
     or label the config names must exist (a negative or too large index is refused, not wrapped)."""
+    from .tasks import STRUCTURED_TASKS, check_task_output, describe_output
+
     task, t = config.target.task, config.target
     try:
         with torch.no_grad():
@@ -122,10 +131,13 @@ def check_target_output(target, config: Config, resolution: int, device) -> None
     except Exception as e:
         raise ZoomError(f"target {shown(t.spec)} fails on a {resolution}x{resolution} RGB image: "
                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if task in STRUCTURED_TASKS:
+        check_task_output(task, out, t.spec, criterion)
+        return
     shape = tuple(getattr(out, "shape", ()))
     if len(shape) != 2 or shape[0] != 1:
         raise ZoomError(f"target.task={task} needs logits [batch, classes] from the target, but {shown(t.spec)} returns "
-                        f"{type(out).__name__} of shape {list(shape)}")
+                        f"{describe_output(out)}")
     classes = shape[1]
     if task == "multiclass" and classes < 2:
         raise ZoomError(f"target.task=multiclass needs at least 2 logits; {shown(t.spec)} returns {classes} "

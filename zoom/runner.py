@@ -154,13 +154,15 @@ def search_block(out: Path, block: list[int], todo: list, edits, models: Models,
     item's seed and arm, so the records are the same as with the full batch.
     """
     from .search import Searcher
+    from .tasks import base_outputs
 
     if not todo:
         return
     try:
         searcher = Searcher(models.generator, models.guide, models.target, models.criterion, config.search,
                             config.precision)
-        base = searcher.base(block, prompts.domain)
+        with base_outputs(models.criterion):  # keypoints/segmentation/detection keep the base outputs
+            base = searcher.base(block, prompts.domain)
         base_paths = [f"{IMAGES_DIR}/base/seed-{seed}.png" for seed in block]
         for path, image in zip(base_paths, base.images):
             if not (out / path).exists():
@@ -262,6 +264,8 @@ class _ItemWriter:
         oracle_toward = ({n: self.oracle_sees(n, outcome.images) for n in names if n == pair or pair is None}
                          if twin_of else {})
         oracle_toward = {n: v for n, v in oracle_toward.items() if v is not None}
+        criterion = self.models.criterion
+        structured = getattr(criterion, "structured", False)
         records = []
         for i, seed in enumerate(block):
             path = f"{IMAGES_DIR}/{attribute.slug}/seed-{seed}.png"
@@ -304,6 +308,8 @@ class _ItemWriter:
                 "unet_calls": int(outcome.unet_calls[i]),
                 "status": status,
             }
+            if structured:  # the base output's key and the search's code -> 0 kept / 1 flipped, and labels
+                record.update(criterion.record_fields(base_pred, final_pred, target.label))
             if pair is not None:
                 record["pair"] = pair
             if baselines is not None:  # the null's judge change toward each attribute it stands in for
@@ -316,7 +322,8 @@ class _ItemWriter:
                 record["share"] = round(share[i], 6)
                 record["any_flip"] = bool(outcome.flipped[i])
             if outcome.curves is not None:
-                record["curve"] = outcome.curves[i]
+                record["curve"] = ([[a, p, criterion.public(c)] for a, p, c in outcome.curves[i]] if structured
+                                   else outcome.curves[i])
             if outcome.low is not None and s.edit_space != "latent":  # the flip lies in (strength_low, strength]
                 record["strength_low"] = _finite(outcome.low[i, k], 6)
             if outcome.monotone is not None:

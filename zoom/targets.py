@@ -59,12 +59,16 @@ class Target(nn.Module):
         self.labels = list(labels) if labels is not None else None
         self.spec = spec
         self._output = output  # picks logits out of a model's output object (transformers)
+        self.keypoint_names = getattr(model, "keypoint_names", None)  # keypoints task: names for target.keypoint_norm
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from .tasks import as_output
+
         out = self.model(self.preprocess(images))
         if self._output is not None:
             out = self._output(out)
-        return out.float()
+        # segmentation models' {"out": logits} -> logits; detectors' list of dicts -> tasks.Detections
+        return as_output(out).float()
 
     def label(self, index: int) -> str:
         if self.labels is not None and 0 <= index < len(self.labels):
@@ -156,6 +160,8 @@ def load_state_dict(path: str) -> dict:
 def _torchvision(name: str, weights: str | None) -> Target:
     import torchvision.models as tvm
 
+    from .tasks import task_target, torchvision_family
+
     if name not in tvm.list_models():
         raise ZoomError(f"target.spec: torchvision has no model {shown(name)} (see torchvision.models.list_models())")
     enum = tvm.get_model_weights(name)
@@ -165,6 +171,10 @@ def _torchvision(name: str, weights: str | None) -> Target:
         # A file torchvision itself published (same basename as a weights URL) brings that entry's
         # preprocessing and class names; any other file gets ImageNet defaults.
         known = next((w for w in enum if os.path.basename(w.url) == os.path.basename(path)), None)
+        if torchvision_family(name):  # detection / keypoints / segmentation: the library's default heads
+            model = tvm.get_model(name, weights=None, weights_backbone=None)
+            model.load_state_dict(state)
+            return task_target(name, model, known)
         num_classes = len(known.meta["categories"]) if known else _classifier_width(state)
         model = tvm.get_model(name, weights=None, num_classes=num_classes)
         model.load_state_dict(state)
@@ -178,6 +188,8 @@ def _torchvision(name: str, weights: str | None) -> Target:
         raise ZoomError(f"target.spec: torchvision {name} has no weights {shown(weights)}; choose one of {choices}, "
                         "or give a local .pth/.safetensors path") from None
     model = tvm.get_model(name, weights=w)
+    if torchvision_family(name):
+        return task_target(name, model, w)
     return Target(model, _from_torchvision_transforms(w.transforms()), w.meta.get("categories"))
 
 
@@ -218,8 +230,14 @@ def _hf(name: str, trust_remote_code: bool) -> Target:
     if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise ZoomError(f"target.spec: folder {shown_path(name)} does not exist")
     name = os.path.expanduser(name)
-    model = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
-    processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ZoomError(f"target.spec: {shown_path(name)} holds custom code for its model, which zoom runs only with "
+                        "--trust-remote-code: read that code first, then pass the flag") from None
     id2label = model.config.id2label
     labels = [id2label[i] for i in range(len(id2label))] if id2label else None
     return Target(model, _from_hf_processor(processor), labels, output=lambda out: out.logits)
@@ -335,7 +353,13 @@ class BinaryFlip:
         return None
 
 
-def make_criterion(task: str, label=None, target_class=None, labels=None):
+def make_criterion(task: str, label=None, target_class=None, labels=None, **structured):
+    """The flip criterion of a task. Keypoints, segmentation and detection (zoom/tasks.py) take their
+    keys as keywords: threshold, score_threshold, keypoint_norm, background, keypoint_names, image_size."""
+    from .tasks import STRUCTURED_TASKS, make_structured_criterion
+
+    if task in STRUCTURED_TASKS:
+        return make_structured_criterion(task, label=label, labels=labels, **structured)
     if task == "multiclass":
         return MulticlassFlip(_class_index(target_class, labels, "target.target_class"))
     if task == "binary":
@@ -344,7 +368,8 @@ def make_criterion(task: str, label=None, target_class=None, labels=None):
         if label is None:
             raise ZoomError("target.task=multilabel needs target.label: the label whose decision is audited")
         return BinaryFlip(_class_index(label, labels, "target.label"))
-    raise ZoomError(f"target.task={shown(task)} is not one of binary, multiclass, multilabel")
+    raise ZoomError(f"target.task={shown(task)} is not one of binary, multiclass, multilabel, "
+                    f"{', '.join(STRUCTURED_TASKS)}")
 
 
 def _class_index(value, labels, key):

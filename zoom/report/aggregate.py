@@ -77,6 +77,9 @@ def _counts(records: list[dict]) -> dict:
                    validity_ci_low=_num(v_low), validity_ci_high=_num(v_high))
     else:
         out.update(validity_rate=None)
+    fabricated = [r["fabricated"] for r in ok if isinstance(r.get("fabricated"), int)]
+    if fabricated:  # detection: confident detections matching no base detection, apart from the flips
+        out.update(fabricated=sum(fabricated), items_with_fabricated=sum(f > 0 for f in fabricated))
     shares = [r["share"] for r in ok if r.get("share") is not None]
     if shares:
         out["mean_share"] = statistics.fmean(shares)
@@ -401,6 +404,7 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
         "confirmation": f"a flip is confirmed when the judge CLIP moves toward the attribute's text by more than "
                         f"{CONFIRM_QUANTILE:.0%} of the null twins' moves toward it on the other seeds, and the "
                         "attribute's oracle (where configured) sees it",
+        "flip_definition": _flip_definition(resolved_config),
         "strength_limit": _strength_limit(resolved_config),
         "failures": _failure_sensitivity(attributes, matched, records),
         "null": null,
@@ -419,6 +423,14 @@ def _over_ranks(rank_meta: list[dict], key: str):
 
         return max(values, key=dt.datetime.fromisoformat)
     return max(values)
+
+
+def _flip_definition(config: dict) -> str:
+    """What "flipped" means for the run's task (fixed by its config before the run)."""
+    from ..tasks import describe_task
+
+    target = config.get("target") if isinstance(config.get("target"), dict) else {}
+    return describe_task(target)
 
 
 def _extrapolated(records: list[dict], config: dict) -> dict:
