@@ -96,9 +96,10 @@ def planted_run(tmp_path_factory, calibration, planted_config_path):
 @pytest.fixture(scope="session")
 def blind_run(tmp_path_factory, calibration, planted_config_path):
     """A real audit of the attribute-blind readout of tests/planted.py, same config: (run_dir, report)."""
-    from planted import audit_readout, blind_readout
+    from planted import BLIND_SAMPLES, audit_readout, blind_readout
 
-    return audit_readout(tmp_path_factory.mktemp("blind"), planted_config_path, blind_readout(calibration), "blind")
+    return audit_readout(tmp_path_factory.mktemp("blind"), planted_config_path, blind_readout(calibration), "blind",
+                         samples=BLIND_SAMPLES)
 
 
 @pytest.fixture(scope="session")

@@ -325,11 +325,13 @@ def test_compare_flags_the_planted_attribute_between_planted_and_blind(planted_r
     data = json.loads(result.stdout)
     print("\n" + invoke("compare", planted_dir, blind_dir).stdout)
     # The blind target (B) flips the planted attribute less often: the largest difference, the only one
-    # whose 95% interval excludes zero (at 48 seeds its BH q is about 0.2: compare tests every attribute)
+    # whose 95% interval excludes zero (on 48 paired seeds its BH q is about 0.2: compare tests every attribute)
     assert data["attributes"][0]["name"] == PLANTED
     assert data["attributes"][0]["difference"] < -0.1 and data["attributes"][0]["diff_ci_high"] < 0
     assert all(r["diff_ci_low"] <= 0 <= r["diff_ci_high"] for r in data["attributes"][1:])
-    assert data["warnings"] == [] and data["paired"]  # same config and seeds: nothing but the target differs
+    # same config and first seed: nothing but the target differs, paired on the blind run's 48 seeds
+    assert data["paired"] and len(data["warnings"]) == 1, data["warnings"]
+    assert "paired on the 48 seeds both runs drew (0-47); run A's other 144 seeds" in data["warnings"][0]
     assert (tmp_path / "compare.html").stat().st_size > 10_000
 
 
