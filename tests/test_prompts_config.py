@@ -355,6 +355,25 @@ def test_an_oracle_for_an_attribute_the_prompts_lack_is_skipped_with_a_note(caps
                                               "attributes": [{"name": "red", "prompt": "a small plain red square on a "
                                                                                        "white background"}]}})
     assert list(config.oracle) == ["red"]
-    err = capsys.readouterr().err
-    assert "oracle.blue background" in err and "not used" in err and err.count("\n") == 3
+    assert capsys.readouterr().err == ""  # said once the run starts, so that a later refusal stays one line
+    assert len(config.notes) == 3 and "oracle.blue background" in config.notes[0] and "not used" in config.notes[0]
     assert config.overridden == ["prompts"]
+
+
+def test_the_oracle_notes_are_printed_when_the_run_starts_not_before_a_refusal(tmp_path):
+    from click.testing import CliRunner
+
+    from zoom.cli import main
+
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("domain: a small plain green square on a white background\n"
+                       "attributes:\n  - name: hat\n    prompt: a small plain green square wearing a hat\n")
+    refused = CliRunner().invoke(main, ["audit", "--config", "demo", "--prompts", str(prompts), "--samples", "1",
+                                        "--out", str(tmp_path / "run")])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.stderr  # the error line only
+    prompts.write_text("domain: a small plain green square on a white background\n"
+                       "attributes:\n  - name: red\n    prompt: a small plain red square on a white background\n")
+    ran = CliRunner().invoke(main, ["audit", "--config", "demo", "--prompts", str(prompts), "--samples", "1",
+                                    "--out", str(tmp_path / "ok")])
+    assert ran.exit_code == 0, ran.output
+    assert ran.stderr.count("zoom: note: config key oracle.") == 3

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -317,10 +316,11 @@ def validate(c: Config) -> None:
     parse_spec(c.target.spec)
     prompts = load_prompts(c.prompts)  # fail now, before any model loads, on a bad prompt file
     names = [a.name for a in prompts.attributes]
+    c.notes = []  # printed once the run starts, so a refusal stays one line
     for name in [n for n in c.oracle if n not in names]:
         # one config serves several prompt sets: an oracle for an attribute this run lacks has nothing to judge
-        print(f"zoom: note: config key oracle.{clip(name)}: no attribute {shown(name)} in the prompts, so this oracle is not "
-              "used", file=sys.stderr)
+        c.notes.append(f"zoom: note: config key oracle.{clip(name)}: no attribute {shown(name)} in the prompts, so this "
+                       "oracle is not used")
         del c.oracle[name]
     for name, oracle in c.oracle.items():
         if not isinstance(oracle, dict) or set(oracle) != {"spec", "label"} or not isinstance(oracle["spec"], str) \

@@ -78,6 +78,9 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
         except ZoomError as e:
             failure = str(e)
     failure = _shared(state, failure)
+    if failure is None and state.is_main_process:
+        for note in getattr(config, "notes", []):
+            print(note, file=sys.stderr)
     if failure:  # every rank stops; only the main process says why
         raise ZoomError(failure)
     try:
