@@ -15,7 +15,7 @@ def test_the_wheel_carries_configs_prompts_world_and_templates(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     wheel = next(tmp_path.glob("zoom-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for kind in ("configs", "prompts"):
+    for kind in ("configs", "prompts", "vocabularies"):
         shipped = {p.name for p in (ROOT / "zoom" / "data" / kind).glob("*.yaml")}
         assert shipped and {f"zoom/data/{kind}/{n}" for n in shipped} <= names
     world = {str(p.relative_to(ROOT)) for p in (ROOT / "zoom" / "data" / "world").rglob("*") if p.is_file()}

@@ -1,4 +1,4 @@
-"""`zoom` command line: demo, audit, report, compare, check, prompts.
+"""`zoom` command line: demo, audit, report, compare, check, export, finetune, prompts.
 
 Exit codes: 0 success, 1 a `check` that failed, 2 bad input (one line on stderr naming the problem and
 the fix, no traceback, nothing half-written). Under several processes only the main one speaks.
@@ -264,6 +264,148 @@ def check(run_dir, max_flip_rate, attributes, raw, as_json):
     click.echo(json.dumps(result, indent=1, allow_nan=False) if as_json else check_text(result))
     if not result["passed"]:
         sys.exit(1)
+
+
+@main.command(epilog="""\b
+Examples:
+  zoom export runs/mine --out data/mine-cf                       # every finished counterfactual
+  zoom export runs/mine --out data/mine-flips --flipped-only --valid-only --attribute red
+\b
+Load it with:  datasets.load_dataset("imagefolder", data_dir="data/mine-cf")""")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create (must not exist).")
+@click.option("--flipped-only", is_flag=True, help="Only counterfactuals that flipped the target.")
+@click.option("--valid-only", is_flag=True, help="Only counterfactuals in which the judge CLIP sees the attribute "
+                                                 "(the record's validity).")
+@click.option("--confirmed-only", is_flag=True, help="Only confirmed flips (the report's rule: the judge CLIP, and the "
+                                                     "oracle where configured, sees the attribute beyond the null's).")
+@click.option("--attribute", "attributes", multiple=True, metavar="NAME", help="Only this attribute (repeatable).")
+def export(run_dirs, out, flipped_only, valid_only, confirmed_only, attributes):
+    """Write the base and counterfactual images of finished runs as a Hugging Face `datasets` image folder.
+
+    DIR/metadata.jsonl has one row per image: file_name, kind (base or counterfactual), label and
+    label_id (the base image's label, which a counterfactual keeps), attribute, prompt, flipped,
+    confirmed, strength, validity, final_label, seed, key, run. Null-control edits are not exported.
+    """
+    from .export import export_runs
+
+    done = export_runs(list(run_dirs), out, flipped_only=flipped_only, attributes=list(attributes) or None,
+                       valid_only=valid_only, confirmed_only=confirmed_only)
+    click.echo(f"exported {done['bases']} base images and {done['counterfactuals']} counterfactuals to "
+               f"{Path(done['out']).resolve()}" + (f" ({done['missing']} items skipped: image missing)"
+                                                   if done["missing"] else ""))
+
+
+@main.command(epilog="""\b
+Examples:
+  zoom finetune --target hf:models/mine --runs runs/mine --out models/mine-cf
+  zoom finetune --target hf:models/mine --runs runs/a --runs runs/b --out models/mine-cf --num-processes 4
+  zoom audit --config default --target hf:models/mine-cf ...     # audit the result
+\b
+An attribute that should change the label is marked in its prompt file and never used:
+  - name: glasses-off
+    prompt: "..."
+    changes_label: true""")
+@click.option("--target", "target_spec", required=True, metavar="SPEC", help="The hf: target to fine-tune.")
+@click.option("--runs", "runs", required=True, multiple=True, type=click.Path(), metavar="RUN_DIR",
+              help="A finished audit of this target (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to create (hf: format).")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Images per step over all processes: half base images, half counterfactuals.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-5, show_default=True,
+              help="AdamW learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch draws.")
+@click.option("--flipped-only", is_flag=True, help="Train only on counterfactuals that flipped the target.")
+@click.option("--valid-only", is_flag=True, help="Train only on counterfactuals the judge CLIP validated.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Mixed precision on GPU (CPU always runs fp32).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between checkpoints (in .MODEL_DIR.partial/ until the end).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune of --out from its checkpoint.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the hf: target to run code from its repository.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes to train on, through `accelerate launch`: one per GPU, or CPU processes.")
+def finetune(target_spec, runs, out, steps, batch_size, lr, seed, flipped_only, valid_only, precision, device,
+             checkpoint_every, resume, trust_remote_code, num_processes):
+    """Fine-tune a target on its counterfactuals: each keeps its base image's label, mixed with the bases.
+
+    Attributes marked `changes_label: true` in the run's prompt file are left out (and named). The
+    result is saved like any transformers classifier; audit it with --target hf:MODEL_DIR.
+    """
+    from types import SimpleNamespace
+
+    from .finetune import finetune as run_finetune
+    from .finetune import gather, prepare_out, trainable_target
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        prepare_out(out, resume)  # bad input fails here, once, before K processes start
+        target, _ = trainable_target(target_spec, trust_remote_code)
+        gather(list(runs), target.labels, flipped_only=flipped_only, valid_only=valid_only)
+        args = ["finetune", "--target", target_spec, "--out", out, "--steps", str(steps), "--batch-size",
+                str(batch_size), "--lr", repr(lr), "--seed", str(seed), "--precision", precision, "--device", device,
+                "--checkpoint-every", str(checkpoint_every)]
+        for run in runs:
+            args += ["--runs", run]
+        args += ["--flipped-only"] * flipped_only + ["--valid-only"] * valid_only + ["--resume"] * resume
+        args += ["--trust-remote-code"] * trust_remote_code
+        sys.exit(_launch(num_processes, SimpleNamespace(device=device), args))
+    summary = run_finetune(target_spec, list(runs), out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                           precision=precision, device=device, checkpoint_every=checkpoint_every, resume=resume,
+                           flipped_only=flipped_only, valid_only=valid_only, trust_remote_code=trust_remote_code,
+                           progress=lambda text: click.echo(text, err=True))
+    if _is_main_process():
+        for name, why in sorted(summary["left_out"].items()):
+            click.echo(f"left out {printable(name)!r}: {why}")
+        click.echo(f"trained {summary['steps']} steps on {summary['bases']} base images and "
+                   f"{summary['counterfactuals']} counterfactuals in {summary['seconds']:.0f} s")
+        click.echo(f"target spec: {summary['spec']}")
+
+
+@main.command(epilog="""\b
+Examples:
+  zoom discover --config demo --vocabulary world --out runs/found     # the shapes world, offline
+  zoom discover --config demo --vocabulary my_words.yaml --budget 2000 --out runs/found
+  zoom discover --config demo --out runs/found --resume               # continue after a crash
+  zoom audit --config demo --prompts runs/found/discovered.yaml       # audit what it found
+\b
+Vocabularies: a bundled name (world) or a YAML file of word categories and phrases
+(zoom/data/vocabularies/world.yaml documents the format).""")
+@click.option("--config", "config_path", required=True, metavar="NAME|FILE",
+              help="Run config: its generator, CLIPs, target and the prompt set whose domain (and null) is used.")
+@click.option("--vocabulary", default="world", show_default=True, metavar="NAME|FILE",
+              help="Words and phrases to propose attributes from.")
+@click.option("--target", metavar="SPEC", help="Model to audit (default: the config's target.spec).")
+@click.option("--prompts", metavar="NAME|FILE", help="Prompt set giving the domain and null (default: the config's).")
+@click.option("--budget", type=int, default=None, metavar="N",
+              help="Most counterfactuals to spend (screening and confirmation, each with its null twin); "
+                   "the screening seeds are cut to fit.")
+@click.option("--screen-samples", type=int, default=8, show_default=True, help="Screening seeds per proposal.")
+@click.option("--samples", type=int, help="Fresh confirmation seeds per attribute (default: the config's search.samples).")
+@click.option("--top-k", type=int, default=5, show_default=True, help="Proposals confirmed.")
+@click.option("--seed", type=int, help="First screening seed; confirmation seeds follow them (default: the config's).")
+@click.option("--device", metavar="auto|cpu|cuda|cuda:N", help="Where to run (default: the config's device).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory to create (default: runs/discover-DATE-TIME).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted discovery in --out.")
+def discover(config_path, vocabulary, target, prompts, budget, screen_samples, samples, top_k, seed, device, out,
+             resume):
+    """Find attributes that flip the target: propose from a vocabulary, screen cheaply, confirm the best."""
+    from .discover import discover as run_discovery
+
+    if resume and not out:
+        raise ZoomError("--resume needs --out DIR: the discovery to continue")
+    if budget is not None and budget < 1:
+        raise ZoomError(f"--budget must be a positive number of counterfactuals, got {budget}")
+    out = out or os.path.join("runs", _default_out("discover"))
+    result = run_discovery(config_path, out, vocabulary=vocabulary, prompts=prompts, target_spec=target, seed=seed,
+                           samples=samples, screen_samples=screen_samples, top_k=top_k, budget=budget, device=device,
+                           resume=resume, echo=click.echo)
+    click.echo((Path(out) / "discover.md").read_text(encoding="utf-8").rstrip())
+    click.echo(f"report: {Path(out).resolve() / 'discover.json'}  (and discover.md)")
 
 
 @main.command(name="prompts")

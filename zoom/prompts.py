@@ -24,6 +24,7 @@ class Attribute:
     name: str
     prompt: str
     slug: str  # file-system-safe, unique within the set; never derived from raw prompt text alone
+    changes_label: bool = False  # the attribute *should* change the label: never label-preserving training data
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class PromptSet:
 
     def to_dict(self) -> dict:
         out = {"domain": self.domain,
-               "attributes": [{"name": a.name, "prompt": a.prompt} for a in self.attributes]}
+               "attributes": [{"name": a.name, "prompt": a.prompt, **({"changes_label": True} if a.changes_label else {})}
+                              for a in self.attributes]}
         if self.nulls:
             out["null"] = self.nulls[0] if len(self.nulls) == 1 else list(self.nulls)
         return out
@@ -112,9 +114,12 @@ def load_prompts(source) -> PromptSet:
             raise ZoomError(f"{where}: attribute prompt {shown(prompt)} appears twice; prompts must be unique")
         if prompt == clean_prompt(domain):
             raise ZoomError(f"{where}: attribute {shown(name)} has the domain's own prompt, so it changes nothing")
+        changes_label = item.get("changes_label", False)
+        if not isinstance(changes_label, bool):
+            raise ZoomError(f"{where}: attributes[{i}].changes_label must be true or false")
         seen_names.add(name.lower())
         seen_prompts.add(prompt)
-        attributes.append(Attribute(name, prompt, slugify(i, name)))
+        attributes.append(Attribute(name, prompt, slugify(i, name), changes_label))
     null = data.get("null")
     nulls = [null] if isinstance(null, str) else null
     if null is not None and (not isinstance(nulls, list) or not nulls
