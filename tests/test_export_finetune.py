@@ -269,3 +269,25 @@ def test_finetune_damaged_image(tmp_path, classifier):
     out = tmp_path / "fixed"
     assert_bad_input(invoke("finetune", "--target", classifier, "--runs", run, "--out", out), "cannot read image")
     no_leftovers(tmp_path, out)
+
+
+def test_finetune_on_two_processes_gives_the_one_process_weights(tmp_path, classifier):
+    """`--num-processes 2` (accelerate's launcher, two CPU processes, each half of every batch) trains the
+    same model as one process: the same batches, gradients averaged across the processes."""
+    import os
+    import subprocess
+    import sys
+
+    run = a_run(tmp_path / "run", target=classifier)
+    outs = {}
+    for k in (1, 2):
+        outs[k] = tmp_path / f"fixed-{k}"
+        done = subprocess.run([sys.executable, "-m", "zoom", "finetune", "--target", classifier, "--runs", str(run),
+                               "--out", str(outs[k]), "--steps", "2", "--batch-size", "4", "--device", "cpu",
+                               "--num-processes", str(k)],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = weights(outs[1]), weights(outs[2])
+    assert one.keys() == two.keys()
+    assert max(float((one[k].float() - two[k].float()).abs().max()) for k in one) <= 1e-5
+    assert any(not torch.equal(one[k], weights(classifier[3:])[k]) for k in one)  # both trained
