@@ -5,6 +5,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from test_hostile import assert_one_line_exit_2
 
 from zoom.cli import main
 from zoom.discover import load_vocabulary, plan_sizes, propose
@@ -14,13 +15,6 @@ from zoom.prompts import load_prompts
 DEMO_DOMAIN = "a small plain green square on a white background"
 
 
-def assert_one_line_exit_2(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.rstrip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("zoom: error:"), result.stderr
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def test_world_vocabulary_proposes_each_other_word_of_each_slot():

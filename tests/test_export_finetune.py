@@ -8,26 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from synthetic import CLASSES, DOMAIN, pattern, write_run
+from test_hostile import assert_one_line_exit_2 as assert_bad_input
+from test_hostile import invoke
 
-from zoom.cli import main
 
 N = 8
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_bad_input(result, *must_mention):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.rstrip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("zoom: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for word in must_mention:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def no_leftovers(folder: Path, out: Path):

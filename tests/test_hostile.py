@@ -36,6 +36,7 @@ def assert_one_line_exit_2(result, *needles):
     assert all(c.isprintable() for c in lines[0]), lines[0]  # no raw control characters reach the terminal
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 def _set(data: dict, dotted: str, value):
