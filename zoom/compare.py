@@ -27,8 +27,8 @@ from pathlib import Path
 
 from .errors import ZoomError, printable, shown, shown_path
 from .prompts import NULL_NAME
-from .report.aggregate import SIGNIFICANCE, format_p, seed_shares
-from .stats import (bh_qvalues, clustered_rate_interval, difference_interval, interval_difference,
+from .report.aggregate import SIGNIFICANCE, format_p, seed_clustered, seed_shares
+from .stats import (bh_qvalues, difference_interval, interval_difference,
                     mcnemar_two_sided_p, paired_difference_interval, seed_permutation_p, two_sided_exact_p)
 
 SCHEMA_VERSION = 1
@@ -139,21 +139,19 @@ def drawn_seeds(report: dict) -> set[int]:
     return set(range(search["seed"], search["seed"] + search["samples"]))
 
 
-def _null_row(report_a: dict, report_b: dict, records_a: list[dict], records_b: list[dict], common) -> dict:
-    """The null control in both runs with the seed as the unit (see the module docstring); common: the
-    seeds to pair on, or None for unpaired runs."""
+def _null_row(report_a: dict, report_b: dict, nulls_a: list[dict], nulls_b: list[dict], common) -> dict:
+    """The null control in both runs (their null records) with the seed as the unit (see the module
+    docstring); common: the seeds to pair on, or None for unpaired runs."""
     mode_a, mode_b = ((r["run"].get("config") or {}).get("search", {}).get("mode") for r in (report_a, report_b))
-    shares_a = seed_shares([r for r in records_a if r["attribute"] == NULL_NAME])
-    shares_b = seed_shares([r for r in records_b if r["attribute"] == NULL_NAME])
+    shares_a, shares_b = seed_shares(nulls_a), seed_shares(nulls_b)
     if common is not None:
         both = sorted(set(shares_a) & set(shares_b) & common)
         shares_a, shares_b = {s: shares_a[s] for s in both}, {s: shares_b[s] for s in both}
 
     def side(shares):
-        flips, n = sum(f for f, _ in shares.values()), sum(m for _, m in shares.values())
-        low, high, _ = clustered_rate_interval([f for f, _ in shares.values()], [m for _, m in shares.values()])
-        return {"n": n, "seeds": len(shares), "flips": flips, "flip_rate": flips / n if n else None,
-                "ci_low": _nan_to_none(low), "ci_high": _nan_to_none(high)}
+        c = seed_clustered(shares)
+        return {"n": c["n"], "seeds": c["seeds"], "flips": c["flips"], "flip_rate": c["flips"] / c["n"] if c["n"] else None,
+                "ci_low": c["ci_low"], "ci_high": c["ci_high"]}
 
     a, b = side(shares_a), side(shares_b)
     row = {"name": NULL_NAME, "prompt": report_a["null"].get("prompt"), "a": a, "b": b, "difference": None,
@@ -222,7 +220,8 @@ def compare_reports(report_a: dict, report_b: dict, records_a: list[dict], recor
         r["q_value"] = _nan_to_none(q)
         r["significant"] = bool(r["q_value"] is not None and r["q_value"] < SIGNIFICANCE)
     rows.sort(key=lambda r: (r["p_value"] if r["p_value"] is not None else 2, -abs(r["difference"] or 0), r["name"]))
-    null = _null_row(report_a, report_b, records_a, records_b, common if paired else None)
+    null = _null_row(report_a, report_b, grouped_a.get(NULL_NAME, []), grouped_b.get(NULL_NAME, []),
+                     common if paired else None)
     if null.get("no_test"):
         warnings.append(null["no_test"])
     return {

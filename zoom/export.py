@@ -48,7 +48,7 @@ def confirmed_keys(records: list[dict], config: dict) -> set:
     for name, prompt in prompts.items():
         rs = [r for r in records if r["attribute"] == name]
         if rs:
-            narrowed, _, _ = confirm(rs, _matched_null(name, nulls, by_pair), prompt, name)
+            narrowed, _, _ = confirm(rs, _matched_null(name, by_pair), prompt, name)
             keys |= {r["key"] for r in narrowed if r["flipped"]}
     return keys
 

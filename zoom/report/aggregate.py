@@ -99,15 +99,23 @@ def seed_shares(records: list[dict]) -> dict:
     return dict(by_seed)
 
 
+def seed_clustered(by_seed: dict) -> dict:
+    """The pooled rate of per-seed (flips, items) with the seed as the unit: a seed's K null twins share
+    its base image, so they are not K independent draws (a Wilson interval over them covers 82% / 57%
+    at K = 4 / 10 when seeds differ)."""
+    flips, items = [f for f, _ in by_seed.values()], [m for _, m in by_seed.values()]
+    low, high, effective = clustered_rate_interval(flips, items)
+    return {"seeds": len(by_seed), "flips": sum(flips), "n": sum(items), "effective_n": _num(effective),
+            "ci_low": _num(low), "ci_high": _num(high)}
+
+
 def _seed_clustered(records: list[dict]) -> dict:
-    """The pooled null row's interval with the seed as the unit: a seed's K null twins share its base
-    image, so they are not K independent draws (a Wilson interval over them covers 82% / 57% at
-    K = 4 / 10 when seeds differ)."""
+    """The pooled null row's interval fields (seed_clustered), or nothing without a finished item."""
     by_seed = seed_shares(records)
     if not by_seed:
         return {}
-    low, high, effective = clustered_rate_interval([f for f, _ in by_seed.values()], [m for _, m in by_seed.values()])
-    return {"seeds": len(by_seed), "effective_n": _num(effective), "ci_low": _num(low), "ci_high": _num(high)}
+    clustered = seed_clustered(by_seed)
+    return {k: clustered[k] for k in ("seeds", "effective_n", "ci_low", "ci_high")}
 
 
 def _flip_point(r: dict) -> float:
@@ -189,12 +197,10 @@ def pair_outcomes(attribute: list[dict], null: list[dict], impute_failed=None) -
     return table
 
 
-def _matched_null(name: str, null_records: list[dict], by_pair: dict | None = None) -> list[dict]:
-    """The null items that control attribute `name`: its twins, or the shared null (joint mode).
-    by_pair: the null records grouped by `pair` once (a run of thousands of attributes would otherwise
-    scan every null record once per attribute)."""
-    if by_pair is None:
-        by_pair = _null_by_pair(null_records)
+def _matched_null(name: str, by_pair: dict) -> list[dict]:
+    """The null items that control attribute `name`: its twins, or the shared null (joint mode), from
+    the null records grouped by `pair` once (_null_by_pair: a run of thousands of attributes would
+    otherwise scan every null record once per attribute)."""
     return by_pair.get(name) or by_pair.get(None, [])
 
 
@@ -340,7 +346,7 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
     attributes, tables, raw_tables, matched, confirmed_nulls = [], [], [], [], {}
     null_by_pair = _null_by_pair(null_records)
     for name, rs in groups.items():
-        nulls = _matched_null(name, null_records, null_by_pair)
+        nulls = _matched_null(name, null_by_pair)
         prompt = prompts.get(name, rs[0]["prompt"])
         confirmed_rs, confirmed_ns, null_moves = confirm(rs, nulls, prompt, name)
         raw_table, table = pair_outcomes(rs, nulls), pair_outcomes(confirmed_rs, confirmed_ns)
