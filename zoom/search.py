@@ -179,6 +179,15 @@ class Searcher:
             logits = self.target(images).float()
         return images, logits
 
+    def _judge_rows(self, base: Base, edit: Edit, embeds, one_hot, rows: list[int], alphas: list[float]):
+        """The bracket's one forward pass: seeds `rows` of the batch, each at its alpha along `one_hot`
+        -> (images, margin, decision, base probability), the criterion asked in that order."""
+        idx = torch.tensor(rows, device=self.device)
+        alpha = torch.tensor(alphas, device=self.device)[:, None] * one_hot
+        images, logits = self._evaluate([base.seeds[i] for i in rows], edit.take(idx), embeds, alpha)
+        margin = self.criterion.margin(logits, base.pred[idx])
+        return images, margin, self.criterion.decision(logits), self.criterion.base_prob(logits, base.pred[idx])
+
     def grid(self) -> list[float]:
         """The bracket's coarse grid: grid_points evenly spaced alphas in (0, alpha_max]."""
         n = self.cfg.grid_points
@@ -204,10 +213,7 @@ class Searcher:
         grid = self.grid()
         # 1. The coarse grid, every seed at every point (a flip that comes back is seen).
         for value in grid:
-            images, logits = self._evaluate(base.seeds, edit, embeds, value * one_hot.expand(B, K))
-            margin = self.criterion.margin(logits, base.pred)
-            pred = self.criterion.decision(logits)
-            prob = self.criterion.base_prob(logits, base.pred)
+            images, margin, pred, prob = self._judge_rows(base, edit, embeds, one_hot, list(range(B)), [value] * B)
             for i in range(B):
                 if not torch.isfinite(margin[i]):
                     status[i] = "failed: non-finite target output"
@@ -237,12 +243,8 @@ class Searcher:
             probes = [(i, a) for i in idx for a in (start[i] - step, start[i] + step) if 0 < a <= self.cfg.alpha_max]
             if not probes:
                 break
-            rows = torch.tensor([i for i, _ in probes], device=self.device)
-            images, logits = self._evaluate([base.seeds[i] for i, _ in probes], edit.take(rows), embeds,
-                                            torch.tensor([a for _, a in probes], device=self.device)[:, None] * one_hot)
-            margin = self.criterion.margin(logits, base.pred[rows])
-            pred = self.criterion.decision(logits)
-            prob = self.criterion.base_prob(logits, base.pred[rows])
+            images, margin, pred, prob = self._judge_rows(base, edit, embeds, one_hot, [i for i, _ in probes],
+                                                          [a for _, a in probes])
             for j, (i, a) in enumerate(probes):
                 evaluations[i] += 1
                 m = float(margin[j])
@@ -264,13 +266,8 @@ class Searcher:
             idx = [i for i in range(B) if flipped[i] and status[i] == "ok" and high[i] - low[i] > self.cfg.tolerance]
             if not idx:
                 break
-            mid = torch.tensor([(low[i] + high[i]) / 2 for i in idx], device=self.device)
-            sub = torch.tensor(idx, device=self.device)
-            images, logits = self._evaluate([base.seeds[i] for i in idx], edit.take(sub), embeds,
-                                            mid[:, None] * one_hot)
-            margin = self.criterion.margin(logits, base.pred[sub])
-            pred = self.criterion.decision(logits)
-            prob = self.criterion.base_prob(logits, base.pred[sub])
+            mid = [(low[i] + high[i]) / 2 for i in idx]
+            images, margin, pred, prob = self._judge_rows(base, edit, embeds, one_hot, idx, mid)
             for j, i in enumerate(idx):
                 evaluations[i] += 1
                 if not torch.isfinite(margin[j]):
