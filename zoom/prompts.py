@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import ZoomError, shown, shown_path
 from .files import read_yaml
-from .words import quote, require_visible
+from .words import require_visible
 
 NULL_NAME = "null"
 
@@ -103,7 +103,7 @@ def load_prompts(source) -> PromptSet:
             raise ZoomError(f"{where}: attributes[{i}] must have string 'name' and 'prompt'")
         name, prompt = item["name"].strip(), clean_prompt(item["prompt"])
         if name:
-            require_visible(where, f"the prompt of attribute {quote(name, 40)}", prompt, item["prompt"])
+            require_visible(where, f"the prompt of attribute {shown(name, 40)}", prompt, item["prompt"])
         if not name or not prompt:
             raise ZoomError(f"{where}: attributes[{i}] has an empty name or prompt")
         if name.lower() == NULL_NAME:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import ZoomError
+from .errors import ZoomError, shown
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _PATH = re.compile(r"""['"]([^'"]+?(?:%s))['"]""" % "|".join(re.escape(s) for s in WEIGHT_SUFFIXES))
@@ -40,11 +40,9 @@ def pickle_failure(error: BaseException) -> tuple[str, str | None] | None:
 
 def pickle_message(what: str, name: str, obj: str = "", path: str | None = None) -> str:
     """One line: which model, which file, that it is a pickle (of what), and how to re-save it."""
-    from .words import quote
-
     holds = f" (it holds Python objects such as {obj}, not only tensors)" if obj else " (it holds Python objects, not only tensors)"
-    file = "it" if path == name else "its weights file" if not path else f"its weights file {quote(path, 160)}"
-    return (f"{what}: cannot load {quote(name, 160)}: {file} is a pickle{holds}; zoom loads only safetensors or weights-only "
+    file = "it" if path == name else "its weights file" if not path else f"its weights file {shown(path, 160)}"
+    return (f"{what}: cannot load {shown(name, 160)}: {file} is a pickle{holds}; zoom loads only safetensors or weights-only "
             "PyTorch files and never unpickles code: re-save the weights as safetensors (safetensors.torch.save_file) "
             "or as a plain state dict (torch.save(model.state_dict(), PATH))")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from .errors import ZoomError
+from .errors import ZoomError, shown
 
 # A subword vocabulary of a real language holds its byte alphabet (256-512 tokens) and tens of
 # thousands of merges; a vocabulary this small is a closed list of words (plus letters).
@@ -42,19 +42,12 @@ def visible_text(text: str) -> str:
                    and c not in BLANK_CHARACTERS).strip()
 
 
-def quote(text: str, limit: int = 70) -> str:
-    """A prompt as an error line repeats it: quoted, escapes for what does not print, cut to `limit`."""
-    text = str(text)
-    cut = text if len(text) <= limit else text[:limit]
-    return repr(cut) + ("" if cut is text else f"... ({len(text):,} characters)")
-
-
 def require_visible(where: str, what: str, prompt: str, written: str | None = None) -> None:
     """Refuse a (cleaned) prompt that is empty once invisible characters are dropped, whatever the
     tokenizer; `written` is the prompt as the user wrote it, for the message."""
     if not visible_text(prompt):
         raise ZoomError(f"{where}: {what} is empty once invisible characters are removed (it holds only "
-                        f"zero-width, control or blank characters: {quote(prompt if written is None else written)}); "
+                        f"zero-width, control or blank characters: {shown(prompt if written is None else written, 70)}); "
                         "write the prompt in words")
 
 
@@ -124,7 +117,7 @@ def _named(words: list[str]) -> str:
 def prompt_names(prompts, nulls: bool = True) -> list[tuple[str, str]]:
     """(name for an error line, prompt) of every prompt of a prompt set that a text encoder reads."""
     out = [("the domain", prompts.domain)]
-    out += [(f"attribute {quote(a.name, 40)}", a.prompt) for a in prompts.attributes]
+    out += [(f"attribute {shown(a.name, 40)}", a.prompt) for a in prompts.attributes]
     if nulls:
         several = len(prompts.nulls) > 1
         out += [(f"null paraphrase {i + 1}" if several else "the null paraphrase", p) for i, p in enumerate(prompts.nulls)]
@@ -153,7 +146,7 @@ def check_readable(prompts, tokenizer, reader: str, *, nulls: bool = True) -> No
             fix = f"use only the words it knows: {listed}{letters}" if words else "use only words of its vocabulary"
         else:
             fix = "reword the prompt without them"
-        raise ZoomError(f"prompts: {what}: {quote(prompt)} has words the {reader} cannot read: "
+        raise ZoomError(f"prompts: {what}: {shown(prompt, 70)} has words the {reader} cannot read: "
                         f"{'; '.join(why)}; {fix}")
 
 
