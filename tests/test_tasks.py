@@ -312,9 +312,10 @@ def test_config_validates_the_task_keys(tiny):
 
 
 @pytest.mark.parametrize("spec,task,says", [
-    ("hf:${ZOOM_TINY}/target", "segmentation", "segmentation needs logits .batch, classes >= 2, H, W.*returns Tensor"),
-    ("hf:${ZOOM_TINY}/target", "detection", "detection needs torchvision-style detections.*returns Tensor"),
-    ("hf:${ZOOM_TINY}/target", "keypoints", "keypoints needs keypoints"),
+    ("hf:${ZOOM_TINY}/target", "segmentation", "segmentation needs a model that transformers' "
+                                               "AutoModelForSemanticSegmentation loads.*holds ResNetForImage"),
+    ("hf:${ZOOM_TINY}/target", "detection", "detection needs .*AutoModelForObjectDetection loads.*holds ResNet"),
+    ("hf:${ZOOM_TINY}/target", "keypoints", "keypoints needs .*VitPoseForPoseEstimation loads.*holds"),
     (f"python:{HERE}:segmentation_target", "multiclass", "multiclass needs logits .batch, classes.*shape .1, 3, 64, 64."),
     (f"python:{HERE}:detection_target", "segmentation", "segmentation needs logits.*returns detections"),
     (f"python:{HERE}:segmentation_target", "detection", "detection needs .*returns Tensor of shape"),

@@ -103,7 +103,7 @@ def load_models(config: Config, device, target=None) -> Models:
     judge = Clip.load(config.judge.model, config.judge.pretrained, device)
     check_readable(prompts, judge.tokenizer, "judge CLIP's tokenizer (judge.model)", nulls=False)  # it judges attributes
     target = load_target(target if target is not None else config.target.spec,
-                         trust_remote_code=config.target.trust_remote_code, device=device)
+                         trust_remote_code=config.target.trust_remote_code, device=device, task=config.target.task)
     t = config.target
     structured = {}
     if t.task in STRUCTURED_TASKS:

@@ -134,6 +134,74 @@ def _is_time(value) -> bool:
 ISO_TIME = _Spec(_is_time, "null or an ISO 8601 time with its UTC offset, such as 2026-01-01T00:00:00+00:00")
 CURVE = _Spec(_curve_ok, "null or a list of [alpha, probability or null, class index] points")
 
+def _count(value) -> bool:
+    return value.__class__ is int and 0 <= value < 2 ** 63
+
+
+def _numbers(value, n=None) -> bool:
+    return value.__class__ is list and (n is None or len(value) == n) and all(v is None or _number(v) for v in value)
+
+
+def _boxes_problem(value):
+    if value.__class__ is not list:
+        return [], value, "a list of detections"
+    for j, box in enumerate(value):
+        if box.__class__ is not dict:
+            return [j], box, "a mapping of box, label and score"
+        for key, ok, expected in (("box", lambda v: _numbers(v, 4), "four numbers (x0, y0, x1, y1)"),
+                                  ("label", lambda v: v.__class__ is str, "text"),
+                                  ("score", lambda v: v is None or _number(v), "a number or null")):
+            if not ok(box.get(key)):
+                return [j, key], box.get(key), expected
+    return None
+
+
+def _by_label_problem(value):
+    if value.__class__ is not dict:
+        return [], value, "a mapping of labels to counts"
+    for name, cell in value.items():
+        if cell.__class__ is not dict:
+            return [name], cell, "a mapping of n, lost and relabelled"
+        for key in ("n", "lost", "relabelled"):
+            if not _count(cell.get(key)):
+                return [name, key], cell.get(key), "a count (an integer >= 0)"
+    return None
+
+
+def _points_problem(value):
+    if value.__class__ is not list or not all(_numbers(p, 2) for p in value):
+        return [], value, "a list of [x, y] points"
+    return None
+
+
+# A structured task's per-item details (tasks.*Flip.details): the keys report and gallery read, checked
+# each by a test or a locator (key path, value, expected); keys zoom does not read pass, as in records.
+TASK_DETAILS = {
+    "nme": lambda v: None if v is None or _number(v) else ([], v, "a number or null"),
+    "base_keypoints": _points_problem, "final_keypoints": _points_problem,
+    "class": lambda v: None if v.__class__ is int else ([], v, "an integer"),
+    "class_label": lambda v: None if v.__class__ is str else ([], v, "text"),
+    "iou": lambda v: None if v is None or (_number(v) and 0 <= v <= 1) else ([], v, "a number from 0 to 1 or null"),
+    **{k: (lambda v: None if _count(v) else ([], v, "a count (an integer >= 0)"))
+       for k in ("base_area", "final_area", "lost", "relabelled", "fabricated")},
+    "by_label": _by_label_problem, "base_boxes": _boxes_problem, "final_boxes": _boxes_problem,
+}
+
+
+def _task_problem(value):
+    """(key path below `task`, the value there, what was expected) for the first wrong detail, or None."""
+    if value is None:
+        return None
+    if value.__class__ is not dict:
+        return [], value, "null or a mapping of task details"
+    for key, check in TASK_DETAILS.items():
+        if key in value:
+            found = check(value[key])
+            if found:
+                return [key] + found[0], found[1], found[2]
+    return None
+
+
 # The fields every record carries, with the JSON types they may hold (None: null allowed).
 RECORD_FIELDS = {
     "key": (str,), "seed": (int,), "attribute": (str,), "slug": (str,), "prompt": (str,), "status": (str,),
@@ -149,6 +217,9 @@ OPTIONAL_RECORD_FIELDS = {
     "judge_change_toward": _map_of(NUMBER + (NONE,)), "base_image": (str, NONE), "counterfactual_image": (str, NONE),
     "pair": (str, NONE), "oracle": (bool, NONE), "oracle_base": (bool, NONE), "oracle_toward": _map_of((bool,)),
     "share": NUMBER, "any_flip": (bool,), "raw_flipped": (bool,), "monotone": (bool, NONE), "curve": CURVE,
+    "fabricated": _Spec(_count, "a count (an integer >= 0)"),
+    "task": _Spec(lambda v: _task_problem(v) is None, "null or a mapping of task details", locate=_task_problem),
+    "base_overlay": (str, NONE), "counterfactual_overlay": (str, NONE),
 }
 META_FIELDS = {"rank": (int,), "peak_memory_bytes": (int, NONE), "memory_kind": (str, NONE), "end_time": ISO_TIME}
 

@@ -26,8 +26,8 @@ from .config import Config
 from .errors import ZoomError
 from .models import Models, configure_threads, load_models, pick_device, run_info
 from .prompts import NULL_NAME, Attribute, load_prompts
-from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, check_out_dir, open_run_dir, read_records, save_png,
-                     write_rank_meta)
+from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, atomic_write, check_out_dir, open_run_dir, read_records,
+                     save_png, write_rank_meta)
 
 
 EVAL_IMAGES = 64  # images per forward pass when a bracket searches several arms of a block together
@@ -43,14 +43,9 @@ def prepare_run_dir(out_dir, config: Config, resume: bool) -> dict:
 def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models | None = None,
               progress: bool = True) -> dict | None:
     """Run (or continue) an audit into out_dir; returns the report on the main process."""
-    from accelerate import PartialState
-
     from .report import write_report
 
-    # On CPU, processes join through gloo only when accelerate is told so (cpu=True).
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=on_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-    refuse_lonely_ranks(state)
+    state = process_state(config)
     rank, world = state.process_index, state.num_processes
     out = Path(out_dir)
     resolved = prepare_run_dir(out, config, resume)
@@ -109,6 +104,17 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     finally:
         if lock is not None:
             lock.release()
+
+
+def process_state(config: Config):
+    """accelerate's view of the processes (one, or those `accelerate launch` started)."""
+    from accelerate import PartialState
+
+    # On CPU, processes join through gloo only when accelerate is told so (cpu=True).
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    refuse_lonely_ranks(state)
+    return state
 
 
 def idle_processes_warning(blocks: int, batch_size: int, processes: int) -> str | None:
@@ -171,7 +177,7 @@ def search_block(out: Path, block: list[int], todo: list, edits, models: Models,
             if not (out / path).exists():
                 save_png(out / path, image)
         s = config.search
-        item = _ItemWriter(out, block, base, base_paths, models, prompts, config)
+        item = _ItemWriter(out, block, base, base_paths, models, prompts, config, searcher.autocast)
         if s.mode == "joint":  # one joint search per seed covers every attribute and the null slot
             edit, attributes = edits.joint(block)
             start = time.perf_counter()
@@ -226,10 +232,36 @@ def item_key(seed: int, attribute) -> str:
 class _ItemWriter:
     """Turns search outcomes of one block into record dicts, saving the counterfactual PNGs first."""
 
-    def __init__(self, out, block, base, base_paths, models, prompts, config):
+    def __init__(self, out, block, base, base_paths, models, prompts, config, autocast):
         self.out, self.block, self.base, self.base_paths = out, block, base, base_paths
         self.models, self.domain, self.config = models, prompts.domain, config
         self.models_attributes = prompts.attributes
+        self.autocast = autocast  # the search's precision, for the details' forward pass
+        self._details = None  # (outcome, its details): joint mode writes every attribute from one outcome
+
+    def task_details(self, outcome) -> list[tuple[dict, dict]]:
+        """Keypoints, segmentation, detection: the target once more on the saved counterfactuals, each
+        compared with its base output (the criterion kept those) -> per seed (record's `task` dict, overlay
+        marks). A target whose output depends on the batch (ties broken differently) may disagree here with
+        the search's own pass; the flip and `fabricated` stay the search's."""
+        if self._details is None or self._details[0] is not outcome:
+            criterion, target = self.models.criterion, self.models.target
+            with torch.no_grad(), self.autocast():
+                outputs = target(outcome.images).float()
+            self._details = (outcome, [criterion.details(outputs, i, int(self.base.pred[i]), target.label)
+                                       for i in range(len(self.block))])
+        return self._details[1]
+
+    def overlays(self, i: int, path: str, image, marks: dict) -> dict:
+        """The marks drawn on the base image (once per seed) and on the counterfactual, saved beside them."""
+        from .overlays import overlay_png
+
+        base_path = self.base_paths[i].removesuffix(".png") + ".overlay.png"
+        if not (self.out / base_path).exists():
+            atomic_write(self.out / base_path, overlay_png(self.base.images[i], marks["base"]))
+        cf_path = path.removesuffix(".png") + ".overlay.png"
+        atomic_write(self.out / cf_path, overlay_png(image, marks["final"]))
+        return {"base_overlay": base_path, "counterfactual_overlay": cf_path}
 
     def judge_change(self, images: torch.Tensor, prompt: str) -> list[float]:
         """How much more the judge CLIP matches `prompt` (vs the domain) in the edited image than in the base."""
@@ -269,6 +301,7 @@ class _ItemWriter:
         oracle_toward = {n: v for n, v in oracle_toward.items() if v is not None}
         criterion = self.models.criterion
         structured = getattr(criterion, "structured", False)
+        details = self.task_details(outcome) if structured else None
         records = []
         for i, seed in enumerate(block):
             path = f"{IMAGES_DIR}/{attribute.slug}/seed-{seed}.png"
@@ -313,6 +346,9 @@ class _ItemWriter:
             }
             if structured:  # the base output's key and the search's code -> 0 kept / 1 flipped, and labels
                 record.update(criterion.record_fields(base_pred, final_pred, target.label))
+                task, marks = details[i]
+                record["task"] = task
+                record.update(self.overlays(i, path, outcome.images[i], marks))
             if pair is not None:
                 record["pair"] = pair
             if baselines is not None:  # the null's judge change toward each attribute it stands in for

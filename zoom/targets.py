@@ -112,7 +112,9 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return kind, rest, None
 
 
-def load_target(spec, *, trust_remote_code: bool = False, device="cpu") -> Target:
+def load_target(spec, *, trust_remote_code: bool = False, device="cpu", task: str | None = None) -> Target:
+    """`task` (the config's target.task) picks the transformers model class of an hf: spec; the other
+    kinds give their model's own output whatever the task."""
     if isinstance(spec, Target):
         return spec.to(device)
     if isinstance(spec, nn.Module):
@@ -122,7 +124,7 @@ def load_target(spec, *, trust_remote_code: bool = False, device="cpu") -> Targe
         loader = {"torchvision": _torchvision, "timm": _timm, "hf": _hf,
                   "torchscript": _torchscript, "python": _python}[kind]
         if kind == "hf":
-            target = loader(name, trust_remote_code)
+            target = loader(name, trust_remote_code, task)
         else:
             target = loader(name, extra)
     except ZoomError:
@@ -224,14 +226,20 @@ def _timm(name: str, weights_file: str | None) -> Target:
     return Target(model, Preprocess(resize, list(size), cfg["mean"], cfg["std"], interpolation))
 
 
-def _hf(name: str, trust_remote_code: bool) -> Target:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def _hf(name: str, trust_remote_code: bool, task: str | None = None) -> Target:
+    import transformers
+    from transformers import AutoImageProcessor
+
+    from .tasks import HF_TASK_MODELS, HFTaskAdapter
 
     if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise ZoomError(f"target.spec: folder {shown_path(name)} does not exist")
     name = os.path.expanduser(name)
+    auto = getattr(transformers, HF_TASK_MODELS.get(task, "AutoModelForImageClassification"))
     try:
-        model = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if task in HF_TASK_MODELS:
+            _check_hf_task(name, task, auto, trust_remote_code)
+        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" not in str(e):
@@ -240,16 +248,34 @@ def _hf(name: str, trust_remote_code: bool) -> Target:
                         "--trust-remote-code: read that code first, then pass the flag") from None
     id2label = model.config.id2label
     labels = [id2label[i] for i in range(len(id2label))] if id2label else None
+    if task in HF_TASK_MODELS:
+        target = Target(HFTaskAdapter(model, _from_hf_processor(processor), processor, task), None, labels)
+        target.keypoint_names = labels if task == "keypoints" else None
+        return target
     return Target(model, _from_hf_processor(processor), labels, output=lambda out: out.logits)
+
+
+def _check_hf_task(name: str, task: str, auto, trust_remote_code: bool) -> None:
+    """The folder's model must be one of the task's transformers classes: one line naming both otherwise."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    fits = (config.model_type == "vitpose" if task == "keypoints"
+            else type(config) in auto._model_mapping)  # (the classes an Auto class can build)
+    if not fits:
+        held = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise ZoomError(f"target.task={task} needs a model that transformers' {auto.__name__} loads, but "
+                        f"target.spec {shown_path(name)} holds {held}")
 
 
 def _from_hf_processor(p) -> Preprocess:
     size = getattr(p, "size", None) or {}
-    size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
-    resample = getattr(p, "resample", 2)
+    size = ({k: v for k, v in dict(size).items() if v is not None}  # (SizeDict lists unset keys as None)
+            if not isinstance(size, int) else {"shortest_edge": size})
+    resample = getattr(p, "resample", None) or 2  # (None in some processors: their default, bilinear)
     interpolation = InterpolationMode.BICUBIC if int(resample) == 3 else InterpolationMode.BILINEAR
     resize = crop = None
-    if getattr(p, "do_resize", True):
+    if getattr(p, "do_resize", True) is not False:  # (None in VitPose's, which resizes by an affine warp)
         if "shortest_edge" in size:
             resize = size["shortest_edge"]
             crop_pct = getattr(p, "crop_pct", None)

@@ -31,6 +31,8 @@ from .errors import ZoomError, shown
 
 STRUCTURED_TASKS = ("keypoints", "segmentation", "detection")
 NO_KEYPOINTS = -1.0  # keypoint adapters: the coordinate given when the detector finds no instance
+MAX_BOXES = 5  # detections a record lists per image (the most confident): records stay small
+MAX_KEYPOINTS = 100  # keypoints a record lists (68 face landmarks fit)
 
 
 class Detections:
@@ -168,6 +170,11 @@ class _StructuredFlip:
     def base_label(self, key, label) -> str:
         return self.task
 
+    def details(self, outputs, i, base_key: int, label) -> tuple[dict, dict]:
+        """Image i of an edited output against its base (key base_key) -> (the record's `task` dict,
+        JSON-safe and small; the marks the gallery draws: {"base": ..., "final": ...}, in image pixels)."""
+        raise NotImplementedError
+
 
 class KeypointFlip(_StructuredFlip):
     """Keypoints [B, K, 2] in pixels (or heatmaps [B, K, H, W], read with a soft-argmax): flipped when
@@ -218,6 +225,23 @@ class KeypointFlip(_StructuredFlip):
         if b["skip"]:
             return 1.0
         return max(0.0, 1.0 - float(self._error(outputs, i, b)) / (2 * self.threshold))
+
+    def _in_image(self, points, outputs):
+        """Heatmap pixels -> image pixels (pixel centres aligned); keypoints [B, K, 2] are image pixels."""
+        if outputs.dim() != 4 or not self.image_size:
+            return points
+        scale = self.image_size / outputs.shape[-1]
+        return torch.where(points == NO_KEYPOINTS, points, (points + 0.5) * scale - 0.5)
+
+    def details(self, outputs, i, base_key, label):
+        b = self._base(base_key)
+        with torch.no_grad():
+            points, _ = self._points(outputs, i)
+            nme = None if b["skip"] else _rounded(self._error(outputs, i, b), 6)
+        base, final = self._in_image(b["points"].cpu(), outputs), self._in_image(points.cpu(), outputs)
+        task = {"nme": nme, "base_keypoints": _rounded(base[:MAX_KEYPOINTS], 1),
+                "final_keypoints": _rounded(final[:MAX_KEYPOINTS], 1)}
+        return task, {"base": {"points": base}, "final": {"points": final, "from": base}}
 
 
 class SegmentationFlip(_StructuredFlip):
@@ -272,15 +296,25 @@ class SegmentationFlip(_StructuredFlip):
     def base_label(self, key, label) -> str:
         return str(label(self._base(key)["cls"]))
 
+    def details(self, outputs, i, base_key, label):
+        b = self._base(base_key)
+        with torch.no_grad():
+            final = (outputs[i].argmax(0) == b["cls"]).cpu()
+            iou = None if b["skip"] else _rounded(self._iou(outputs, i, b), 6)
+        task = {"class": int(b["cls"]), "class_label": str(label(b["cls"])), "iou": iou,
+                "base_area": int(b["mask"].sum()), "final_area": int(final.sum())}
+        return task, {"base": {"mask": b["mask"].cpu()}, "final": {"mask": final}}
+
 
 class DetectionFlip(_StructuredFlip):
     """Torchvision-style detections. Base detections: score >= `score_threshold`. Flipped when one is
     lost: no detection with IoU >= `iou` with it, the same label and score >= score_threshold (a
-    relabelled detection is lost under its label). Fabricated detections (confident, matching no base
-    detection) are counted separately. margin = min over base detections of (best matching score -
-    score_threshold), in value from the detections the model outputs; its gradient comes from the
-    scores *before* non-maximum suppression of the candidates of that label overlapping the base box
-    (IoU >= `iou`) when the adapter gives them (Faster/Keypoint R-CNN), else from the output scores."""
+    relabelled detection is lost under its label). Fabricated detections (confident, overlapping no base
+    detection with IoU >= `iou`, whatever its label) are counted separately. margin = min over base
+    detections of (best matching score - score_threshold), in value from the detections the model
+    outputs; its gradient comes from the scores *before* non-maximum suppression of the candidates of
+    that label overlapping the base box (IoU >= `iou`) when the adapter gives them (Faster/Keypoint
+    R-CNN), else from the output scores."""
 
     task = "detection"
     MAX_FABRICATED = 1 << 20
@@ -314,7 +348,8 @@ class DetectionFlip(_StructuredFlip):
             for j in range(n):
                 if ok[j].any():
                     best[j] = scores[ok[j]].max()
-            matched = (ok & confident[None, :]).any(0)
+            # a box over a base detection under another label is that detection relabelled, not fabricated
+            matched = ((iou >= self.iou) & confident[None, :]).any(0)
         else:
             matched = torch.zeros(len(boxes), dtype=torch.bool, device=scores.device)
         fabricated = int((confident & ~matched).sum())
@@ -365,6 +400,52 @@ class DetectionFlip(_StructuredFlip):
         if not len(b["labels"]):
             return "none"
         return str(label(int(b["labels"][int(b["scores"].argmax())])))
+
+    def details(self, outputs, i, base_key, label):
+        """Each base detection is kept (a confident box of its label overlaps it), relabelled (only
+        confident boxes of other labels do) or lost (none does); `by_label` counts them per base label."""
+        from torchvision.ops import box_iou
+
+        b = self._base(base_key)
+        d = outputs.dets[i]
+        with torch.no_grad():
+            confident = d["scores"].detach() >= self.score_threshold
+            boxes, labels = d["boxes"].detach()[confident].float(), d["labels"].detach()[confident]
+            scores = d["scores"].detach()[confident].float()
+            _, fabricated = self._match(outputs, i, b)
+            n = len(b["labels"])
+            near = (box_iou(b["boxes"].to(boxes.device), boxes) >= self.iou) if n and len(boxes) else \
+                torch.zeros(n, len(boxes), dtype=torch.bool, device=boxes.device)
+            same = near & (b["labels"].to(labels.device)[:, None] == labels[None, :])
+        by_label: dict[str, dict] = {}
+        for j in range(n):
+            cell = by_label.setdefault(str(label(int(b["labels"][j]))), {"n": 0, "lost": 0, "relabelled": 0})
+            cell["n"] += 1
+            if not same[j].any():
+                cell["relabelled" if near[j].any() else "lost"] += 1
+        base_boxes = _top_boxes(b["boxes"], b["labels"], b["scores"], label)
+        final_boxes = _top_boxes(boxes, labels, scores, label)
+        task = {"lost": sum(c["lost"] for c in by_label.values()),
+                "relabelled": sum(c["relabelled"] for c in by_label.values()), "fabricated": fabricated,
+                "by_label": by_label, "base_boxes": base_boxes, "final_boxes": final_boxes}
+        return task, {"base": {"boxes": base_boxes}, "final": {"boxes": final_boxes}}
+
+
+def _top_boxes(boxes, labels, scores, label) -> list[dict]:
+    """The MAX_BOXES most confident detections as JSON: box xyxy (pixels), label name, score."""
+    order = scores.detach().float().cpu().argsort(descending=True)[:MAX_BOXES].tolist()
+    return [{"box": _rounded(boxes[j], 1), "label": str(label(int(labels[j]))), "score": _rounded(scores[j], 3)}
+            for j in order]
+
+
+def _rounded(x, digits: int):
+    """A tensor or number -> JSON-safe rounded floats (nested lists for tensors); NaN/inf -> None."""
+    if isinstance(x, torch.Tensor):
+        if x.dim():
+            return [_rounded(v, digits) for v in x.detach().cpu()]
+        x = float(x)
+    x = float(x)
+    return round(x, digits) if math.isfinite(x) else None
 
 
 def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
@@ -628,3 +709,40 @@ def task_target(name: str, model: nn.Module, weights=None):
     target = Target(adapter, None, meta.get("categories"))
     target.keypoint_names = meta.get("keypoint_names")
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers adapters (hf: specs): the task's output from the library's own model classes and,
+# for detection, its image processor's own post-processing (differentiable: softmax/sigmoid, top-k,
+# box scaling), so the numbers are the library's and the margin's gradient reaches the scores.
+
+HF_TASK_MODELS = {"segmentation": "AutoModelForSemanticSegmentation",
+                  "keypoints": "VitPoseForPoseEstimation",  # top-down: the whole image is the person's box
+                  "detection": "AutoModelForObjectDetection"}
+HF_DETECTION_SCORE_FLOOR = 0.05  # the lowest score kept, as torchvision detectors' box_score_thresh
+
+
+class HFTaskAdapter(nn.Module):
+    """images [B, 3, H, W] in [0, 1] -> segmentation logits upsampled to [B, C, H, W] (as the image
+    processors' post_process_semantic_segmentation does), keypoints [B, K, 2] in image pixels (a
+    soft-argmax of the heatmaps), or Detections in image pixels (post_process_object_detection)."""
+
+    def __init__(self, model: nn.Module, preprocess: nn.Module, processor, task: str):
+        super().__init__()
+        self.model, self.preprocess, self.processor, self.task = model, preprocess, processor, task
+
+    def forward(self, images: torch.Tensor):
+        H, W = images.shape[-2:]
+        out = self.model(self.preprocess(images))
+        if self.task == "segmentation":
+            return nn.functional.interpolate(out.logits, size=(H, W), mode="bilinear", align_corners=False)
+        if self.task == "keypoints":
+            heat = out.heatmaps
+            h, w = heat.shape[-2:]
+            xy = soft_argmax(heat)
+            scale = torch.tensor([W / w, H / h], device=xy.device, dtype=xy.dtype)
+            return (xy + 0.5) * scale - 0.5  # heatmap pixel centres -> image pixel centres
+        sizes = torch.tensor([[H, W]] * len(images), device=images.device)
+        dets = self.processor.post_process_object_detection(out, threshold=HF_DETECTION_SCORE_FLOOR,
+                                                            target_sizes=sizes)
+        return Detections([{"boxes": d["boxes"], "labels": d["labels"], "scores": d["scores"]} for d in dets])

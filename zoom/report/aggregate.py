@@ -167,6 +167,45 @@ def _per_class(records: list[dict]) -> dict:
     return out
 
 
+def _task_metrics(records: list[dict], task: str | None) -> dict:
+    """Keypoints, segmentation, detection: what the records' `task` details add, over finished items
+    (raw flips, not confirmed ones): the NME distribution; the IoU with the base mask and flips per
+    audited class; lost / relabelled / fabricated detections, per base label."""
+    import numpy as np
+
+    details = [(r, r["task"]) for r in records if _is_ok(r) and isinstance(r.get("task"), dict)]
+    if not details or task not in ("keypoints", "segmentation", "detection"):
+        return {}
+    if task == "keypoints":
+        nme = [t["nme"] for _, t in details if t.get("nme") is not None]
+        out = {"n": len(nme), "nme_median": _num(float(np.median(nme))) if nme else None,
+               "nme_p90": _num(float(np.quantile(nme, 0.9))) if nme else None}
+    elif task == "segmentation":
+        scored = [(r, t) for r, t in details if t.get("iou") is not None]
+        by_class = defaultdict(list)
+        for r, t in scored:
+            by_class[str(t.get("class_label", t.get("class")))].append((r["flipped"], t["iou"]))
+        out = {"n": len(scored),
+               "mean_iou_drop": _num(statistics.fmean(1 - t["iou"] for _, t in scored)) if scored else None,
+               "per_class": {label: {"n": len(cell), "flips": sum(f for f, _ in cell),
+                                     "flip_rate": sum(f for f, _ in cell) / len(cell),
+                                     "mean_iou": statistics.fmean(iou for _, iou in cell)}
+                             for label, cell in sorted(by_class.items(), key=lambda kv: (-len(kv[1]), kv[0]))}}
+    else:
+        per_label = defaultdict(lambda: {"n": 0, "lost": 0, "relabelled": 0})
+        for _, t in details:
+            for label, cell in (t.get("by_label") or {}).items():
+                for key in ("n", "lost", "relabelled"):
+                    per_label[label][key] += cell[key]
+        out = {"n": len(details), "base_detections": sum(c["n"] for c in per_label.values()),
+               **{key: sum(t.get(key) or 0 for _, t in details) for key in ("lost", "relabelled", "fabricated")},
+               "per_label": {label: {**c, "flips": c["lost"] + c["relabelled"],
+                                     "flip_rate": (c["lost"] + c["relabelled"]) / c["n"]}
+                             for label, c in sorted(per_label.items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+                             if c["n"]}}
+    return {"task_metrics": out}
+
+
 def pair_outcomes(attribute: list[dict], null: list[dict], impute_failed=None) -> dict:
     """The attribute's and its null control's outcomes on the same seeds.
 
@@ -339,8 +378,10 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
     null_prompts = prompts_config.get("null")
     null_label = (" | ".join(null_prompts) if isinstance(null_prompts, list) else null_prompts) or \
         (null_records[0]["prompt"] if null_records else None)
+    target = resolved_config.get("target")
+    task = target.get("task") if isinstance(target, dict) else None
     null = {"name": NULL_NAME, "prompt": null_label, **_counts(null_records), **_seed_clustered(null_records),
-            "per_class": _per_class(null_records)}
+            "per_class": _per_class(null_records), **_task_metrics(null_records, task)}
 
     prompts = {a["name"]: a["prompt"] for a in prompts_config["attributes"]}
     attributes, tables, raw_tables, matched, confirmed_nulls = [], [], [], [], {}
@@ -359,7 +400,7 @@ def aggregate(records: list[dict], resolved_config: dict, run: dict, rank_meta: 
                                       if raw_table["n"] else None),
                "null_confirmed_rate": _num((table["both"] + table["null_only"]) / table["n"] if table["n"] else None),
                "validity_null_rate": _validity_baseline(rs, nulls, prompt), **_oracle(rs, nulls, name),
-               "per_class": _per_class(rs), **_extrapolated(rs, resolved_config)}
+               "per_class": _per_class(rs), **_task_metrics(rs, task), **_extrapolated(rs, resolved_config)}
         attributes.append(row)
         tables.append(table)
         raw_tables.append(raw_table)

@@ -113,6 +113,10 @@ def _gallery(report: dict, records: list[dict], run_dir: Path, cap: int, refused
             "seed": r["seed"], "flipped": r["flipped"], "validity": r.get("validity"),
             "base_src": image_src(run_dir, r.get("base_image"), refused),
             "cf_src": image_src(run_dir, r.get("counterfactual_image"), refused),
+            # keypoints, masks, boxes drawn on the images (structured tasks), shown in their place
+            "base_overlay": image_src(run_dir, r.get("base_overlay"), refused),
+            "cf_overlay": image_src(run_dir, r.get("counterfactual_overlay"), refused),
+            "task": task_caption(r.get("task")),
             "base_label": r.get("base_label", r.get("base_pred")), "final_label": r.get("final_label", r.get("final_pred")),
             "base_prob": r.get("base_prob"), "final_prob": r.get("final_prob"),
             "alpha": r.get("alpha"), "strength": r.get("strength"), "reach": r.get("reach", r.get("strength")),
@@ -128,17 +132,46 @@ def _gallery(report: dict, records: list[dict], run_dir: Path, cap: int, refused
     return sections
 
 
-def _per_class(report: dict) -> dict:
+def task_caption(task) -> str | None:
+    """One line of a structured task's details under a gallery pair (None for classification)."""
+    if not isinstance(task, dict):
+        return None
+    if "nme" in task:
+        return f"NME {_num(task['nme'], 3)}"
+    if "iou" in task:
+        return (f"{task.get('class_label', task.get('class'))}: IoU {_num(task['iou'])} · area "
+                f"{task.get('base_area', '–')} → {task.get('final_area', '–')} px")
+    if "lost" in task:
+        return (f"lost {task['lost']} · relabelled {task.get('relabelled', 0)} · "
+                f"fabricated {task.get('fabricated', 0)}")
+    return None
+
+
+def _task_tables(report: dict, task) -> dict | None:
+    """The task metrics section: one row per attribute (and the null), and the per-class split
+    (segmentation: by audited class; detection: base detections lost or relabelled, by base label)."""
+    rows = report["attributes"] + [report["null"]]
+    if not any("task_metrics" in row for row in rows):
+        return None
+    key = {"segmentation": "per_class", "detection": "per_label"}.get(task)
+    split = _per_class(report, lambda row: (row.get("task_metrics") or {}).get(key)) if key else None
+    return {"rows": [{"name": row["name"], "is_null": row is report["null"], **(row.get("task_metrics") or {})}
+                     for row in rows], "split": split}
+
+
+def _per_class(report: dict, cells_of=lambda row: row.get("per_class")) -> dict:
+    """Rows: attributes and the null; columns: the CLASS_COLUMNS largest classes, the rest pooled. Each
+    cell of cells_of(row) has n and flips."""
     rows = report["attributes"] + [report["null"]]
     totals: dict[str, int] = {}
     for row in rows:
-        for label, c in (row.get("per_class") or {}).items():
+        for label, c in (cells_of(row) or {}).items():
             totals[label] = totals.get(label, 0) + c["n"]
     ordered = sorted(totals, key=lambda k: (-totals[k], str(k)))
     shown, pooled = ordered[:CLASS_COLUMNS], set(ordered[CLASS_COLUMNS:])
     table = []
     for row in rows:
-        per = row.get("per_class") or {}
+        per = cells_of(row) or {}
         cells = []
         for label in shown:
             c = per.get(label)
@@ -259,6 +292,7 @@ def render_report(report: dict, records: list[dict], run_dir, *, cap: int = GALL
                     "panels": top_shown(len(report["attributes"]), PANEL_TOP),
                     "gallery": top_shown(len(report["attributes"]), GALLERY_TOP)},
         "per_class": _per_class(report),
+        "task_tables": _task_tables(report, (config.get("target") or {}).get("task")),
         "models": _models(run),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100),
         "joint": any("mean_share" in a for a in report["attributes"]),
