@@ -125,6 +125,8 @@ def test_discover_on_the_world_end_to_end_and_resume(tmp_path):
     assert found["cost"]["screening"]["counterfactuals"] == 3 * 12 * 2
     assert found["cost"]["screening"]["unet_calls"] > 0 and found["cost"]["confirmation"]["unet_calls"] > 0
     assert (out / "confirm" / "report.html").exists() and (out / "discover.md").exists()
+    page = (out / "discover.html").read_text()  # the discovery's page: its gallery shows the confirmation's images
+    assert 'href="confirm/report.html"' in page and 'src="confirm/images/' in page and "12 screened" in page
     assert "red" in result.output and "UNet calls" in result.output
     if found["discovered"]:
         prompts = load_prompts(str(out / "discovered.yaml"))  # what `zoom audit --prompts` reads

@@ -162,7 +162,7 @@ def audit(config_path, target, prompts, samples, seed, mode, precision, device, 
 
 
 def _launch(num_processes: int, config, args: list[str]) -> int:
-    """Re-run this audit as K processes through accelerate's launcher; returns its exit code."""
+    """Re-run this command as K processes through accelerate's launcher; returns its exit code."""
     import subprocess
 
     import torch
@@ -370,10 +370,12 @@ Examples:
   zoom discover --config demo --vocabulary world --out runs/found     # the shapes world, offline
   zoom discover --config demo --vocabulary my_words.yaml --budget 2000 --out runs/found
   zoom discover --config demo --out runs/found --resume               # continue after a crash
+  zoom discover --config demo --screen gradient --free-direction --out runs/found   # see the README
+  zoom discover --config demo --out runs/found --num-processes 4      # 4 processes (GPUs, or CPU cores)
   zoom audit --config demo --prompts runs/found/discovered.yaml       # audit what it found
 \b
-Vocabularies: a bundled name (world) or a YAML file of word categories and phrases
-(zoom/data/vocabularies/world.yaml documents the format).""")
+Vocabularies: a bundled name (world, faces, objects, scenes, imagenet_x) or a YAML file of word
+categories and phrases (README.md, "Discovering attributes", documents the format).""")
 @click.option("--config", "config_path", required=True, metavar="NAME|FILE",
               help="Run config: its generator, CLIPs, target and the prompt set whose domain (and null) is used.")
 @click.option("--vocabulary", default="world", show_default=True, metavar="NAME|FILE",
@@ -382,17 +384,24 @@ Vocabularies: a bundled name (world) or a YAML file of word categories and phras
 @click.option("--prompts", metavar="NAME|FILE", help="Prompt set giving the domain and null (default: the config's).")
 @click.option("--budget", type=int, default=None, metavar="N",
               help="Most counterfactuals to spend (screening and confirmation, each with its null twin); "
-                   "the screening seeds are cut to fit.")
+                   "the screening seeds are cut to fit (the gradient screen makes none).")
 @click.option("--screen-samples", type=int, default=8, show_default=True, help="Screening seeds per proposal.")
 @click.option("--samples", type=int, help="Fresh confirmation seeds per attribute (default: the config's search.samples).")
 @click.option("--top-k", type=int, default=5, show_default=True, help="Proposals confirmed.")
+@click.option("--screen", default="bracket", show_default=True, metavar="bracket|gradient",
+              help="How proposals are screened: a few-point bracket search of each (with null twins), or the "
+                   "margin's gradient along each direction (one backward pass per screening seed).")
+@click.option("--free-direction", is_flag=True,
+              help="Also optimise a free direction that flips the target and mark the proposals nearest to it.")
 @click.option("--seed", type=int, help="First screening seed; confirmation seeds follow them (default: the config's).")
 @click.option("--device", metavar="auto|cpu|cuda|cuda:N", help="Where to run (default: the config's device).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory to create (default: runs/discover-DATE-TIME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted discovery in --out.")
-def discover(config_path, vocabulary, target, prompts, budget, screen_samples, samples, top_k, seed, device, out,
-             resume):
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes to run the audits on, through `accelerate launch`: one per GPU, or CPU processes.")
+def discover(config_path, vocabulary, target, prompts, budget, screen_samples, samples, top_k, screen, free_direction,
+             seed, device, out, resume, num_processes):
     """Find attributes that flip the target: propose from a vocabulary, screen cheaply, confirm the best."""
     from .discover import discover as run_discovery
 
@@ -401,11 +410,26 @@ def discover(config_path, vocabulary, target, prompts, budget, screen_samples, s
     if budget is not None and budget < 1:
         raise ZoomError(f"--budget must be a positive number of counterfactuals, got {budget}")
     out = out or os.path.join("runs", _default_out("discover"))
-    result = run_discovery(config_path, out, vocabulary=vocabulary, prompts=prompts, target_spec=target, seed=seed,
-                           samples=samples, screen_samples=screen_samples, top_k=top_k, budget=budget, device=device,
-                           resume=resume, echo=click.echo)
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from .config import load_config
+
+        # a bad config fails here, once; the rest of discover's bad input fails alike on every process, said by one
+        config = load_config(config_path, {"target.spec": target, "prompts": prompts, "device": device})
+        args = ["discover", "--config", config_path, "--vocabulary", vocabulary, "--screen-samples",
+                str(screen_samples), "--top-k", str(top_k), "--screen", screen, "--out", out]
+        for flag, value in [("--target", target), ("--prompts", prompts), ("--budget", budget), ("--samples", samples),
+                            ("--seed", seed), ("--device", device)]:
+            if value is not None:
+                args += [flag, str(value)]
+        args += ["--free-direction"] * free_direction + ["--resume"] * resume
+        sys.exit(_launch(num_processes, config, args))
+    run_discovery(config_path, out, vocabulary=vocabulary, prompts=prompts, target_spec=target, seed=seed,
+                  samples=samples, screen_samples=screen_samples, top_k=top_k, budget=budget, screen=screen,
+                  free_direction=free_direction, device=device, resume=resume, echo=click.echo)
+    if not _is_main_process():
+        return
     click.echo((Path(out) / "discover.md").read_text(encoding="utf-8").rstrip())
-    click.echo(f"report: {Path(out).resolve() / 'discover.json'}  (and discover.md)")
+    click.echo(f"report: {Path(out).resolve() / 'discover.html'}  (and discover.json, discover.md)")
 
 
 @main.command(name="prompts")

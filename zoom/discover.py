@@ -2,16 +2,24 @@
 
 1. Propose (offline): every vocabulary word put in the place of another word of its category in the domain
    prompt ("a small plain green square ..." -> "... red square ..."), and every vocabulary phrase as
-   "DOMAIN, PHRASE" (zoom/data/vocabularies/world.yaml documents the file format).
-2. Screen: one audit (single mode: the config's bracket search, null twins) of ALL proposals on a few
-   screening seeds, into OUT/screen. A proposal's screening score is its confirmed flip rate minus its
-   null twins' (ties broken by the raw flip-rate gap, then by name).
+   "DOMAIN, PHRASE" (README.md and zoom/data/vocabularies/world.yaml document the file format); those
+   with words the models' tokenizers cannot read, or that read as the domain once tokenized, are left out.
+2. Screen, on a few screening seeds, ALL proposals, by one of:
+   - bracket (default): one audit (single mode: the config's bracket search, null twins), into OUT/screen.
+     A proposal's score is its confirmed flip rate minus its null twins' (ties broken by the raw flip-rate
+     gap, then by name).
+   - gradient: one backward pass per seed, the margin's directional derivative along every proposal's
+     direction minus its null twin's (zoom/directions.py), into OUT/screen-gradient.json.
+   With --free-direction, a free, norm-bounded direction that flips the target on the screening seeds is
+   optimised first and named by its nearest proposals in the guide CLIP's space (OUT/free-direction.json);
+   those proposals are marked in discover.json.
 3. Confirm: the top k proposals with a positive score, not marked as changing the label, audited again
    on fresh seeds that follow the screening seeds (disjoint from them), into OUT/confirm: the full audit
    (null twins, paired exact tests, confirmed flips), Benjamini-Hochberg over those k.
 
 Writes OUT/discover.json (proposals, screening scores, the confirmed table, cost), OUT/discover.md (the
-same as text, linking the confirmation audit's gallery OUT/confirm/report.html) and OUT/discovered.yaml:
+same as text, linking the confirmation audit's gallery OUT/confirm/report.html), OUT/discover.html (the
+page: zoom.report.discovery) and OUT/discovered.yaml:
 a prompt set of the significant confirmed attributes, which `zoom audit --prompts` takes as it is.
 """
 
@@ -27,8 +35,19 @@ from .errors import ZoomError, shown, shown_path
 
 DEFAULT_SCREEN_SAMPLES = 8
 DEFAULT_TOP_K = 5
+SCREENS = ("bracket", "gradient")
+SCREEN_METHODS = {
+    "bracket": "the audit's single-mode bracket search on every proposal with its null twin; score = confirmed flip "
+               "rate - null twins' confirmed flip rate (ties: raw flip-rate gap, then name)",
+    "gradient": "the target margin's directional derivative along each proposal's conditioning direction at alpha = 0 "
+                "(one backward pass per seed), as the share of the seed's margin a full edit would remove to first "
+                "order, clipped to [-1, 1]; score = mean over seeds, minus the same for its null twins (ties: name)",
+}
 MIN_SCREEN_SAMPLES = 2
 PLAN_FILE = "discover-plan.json"
+GRADIENT_FILE = "screen-gradient.json"
+FREE_FILE = "free-direction.json"
+FREE_NAMES = 3  # proposals named after the free direction
 _PUNCT = ".,;:!?\"'()"
 
 
@@ -47,6 +66,7 @@ class Vocabulary:
     source: str
     categories: tuple[Category, ...]
     phrases: tuple[str, ...]
+    phrase_groups: tuple[tuple[str, str], ...] = ()  # (phrase, group) for phrases given under a group name
 
 
 @dataclass(frozen=True)
@@ -113,14 +133,27 @@ def load_vocabulary(source) -> Vocabulary:
             raise ZoomError(f"{where}: categories[{i}].oracle must be {{spec: TARGET_SPEC}}")
         categories.append(Category(c["name"], tuple(dict.fromkeys(words)), slot, changes_label,
                                    oracle["spec"] if oracle else None))
-    phrases = data.get("phrases") or []
-    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
-        raise ZoomError(f"{where}: 'phrases' must be a list of strings")
-    phrases = [p for p in phrases if p.strip()]
+    names = [c.name for c in categories]
+    if len(set(names)) < len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ZoomError(f"{where}: category names must be unique; {shown(repeated)} repeat")
+    raw_phrases = data.get("phrases") or []
+    # a list of phrases, or groups of them ({pose: [...], lighting: [...]}): the group is the proposal's category
+    groups = raw_phrases if isinstance(raw_phrases, dict) else {None: raw_phrases}
+    phrases, phrase_groups = [], []
+    for group, members in groups.items():
+        if not isinstance(members, list) or not all(isinstance(p, str) for p in members) \
+                or not isinstance(group, (str, type(None))):
+            raise ZoomError(f"{where}: 'phrases' must be a list of strings, or a mapping of group names to such lists")
+        for p in members:
+            if p.strip() and p not in phrases:
+                phrases.append(p)
+                if group is not None:
+                    phrase_groups.append((p, group))
     if not categories and not phrases:
         raise ZoomError(f"{where} holds no words and no phrases; give 'categories' and/or 'phrases'")
     name = data.get("name") if isinstance(data.get("name"), str) else Path(found).stem
-    return Vocabulary(name, str(found), tuple(categories), tuple(dict.fromkeys(phrases)))
+    return Vocabulary(name, str(found), tuple(categories), tuple(phrases), tuple(phrase_groups))
 
 
 def _norm(word: str) -> str:
@@ -159,6 +192,7 @@ def propose(domain: str, vocabulary: Vocabulary) -> list[Proposal]:
             oracle = {"spec": category.oracle, "label": other} if category.oracle else None
             out.append(Proposal(name, prompt, "substitution", category.name, " ".join(words[start:end]),
                                 category.changes_label, oracle))
+    groups = dict(vocabulary.phrase_groups)
     for phrase in vocabulary.phrases:
         prompt = clean_prompt(f"{domain}, {phrase}")
         name = clean_prompt(phrase)
@@ -167,16 +201,118 @@ def propose(domain: str, vocabulary: Vocabulary) -> list[Proposal]:
             continue
         seen_prompts.add(prompt.lower())
         seen_names.add(name.lower())
-        out.append(Proposal(name, prompt, "phrase", None, None, False, None))
+        out.append(Proposal(name, prompt, "phrase", groups.get(phrase), None, False, None))
     return out
 
 
-def plan_sizes(n_proposals: int, screen_samples: int, confirm_samples: int, top_k: int, budget: int | None):
+def load_tokenizers(config) -> list[tuple[str, object]]:
+    """(model, tokenizer) of the generator and both CLIPs, loaded without their models: seconds, offline (a
+    local folder, the hub cache, open_clip's bundled vocabulary). One not to be had this way is left out:
+    the audit checks every prompt again as it loads each model."""
+    import open_clip
+    from transformers import AutoTokenizer
+
+    out = []
+    g = config.generator
+    try:
+        out.append(("generator", AutoTokenizer.from_pretrained(
+            os.path.expanduser(g.model), subfolder="tokenizer", revision=g.revision, local_files_only=True)))
+    except Exception:  # not in the cache yet: the audit downloads and checks it
+        pass
+    for role, clip in (("guide", config.guide), ("judge", config.judge)):
+        if clip.model.startswith("hf-hub:"):  # its tokenizer's config lives on the hub: not fetched here
+            continue
+        try:
+            out.append((f"{role} CLIP", open_clip.get_tokenizer(clip.model)))
+        except Exception:
+            pass
+    return out
+
+
+def _content_tokens(tokenizer, text: str) -> list[str]:
+    """The tokens of a text without those of punctuation alone: what a phrase says, as the tokenizer reads it
+    (case and spacing are already gone)."""
+    return [t for t in tokenizer.tokenize(text) if any(c.isalnum() for c in t.replace("</w>", ""))]
+
+
+def _reads_as_domain(tokenizer, proposal: Proposal, domain: str) -> bool:
+    """The proposal's prompt encodes exactly like the domain (its edit would be zero), or its phrase says
+    the domain again in other case, spacing or punctuation."""
+    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
+        return False
+    padded = dict(padding="max_length", max_length=tokenizer.model_max_length, truncation=True, verbose=False)
+    if tokenizer(proposal.prompt, **padded).input_ids == tokenizer(domain, **padded).input_ids:
+        return True
+    return proposal.kind == "phrase" and _content_tokens(tokenizer, proposal.name) == _content_tokens(tokenizer, domain)
+
+
+def readable_proposals(proposals: list[Proposal], domain: str, tokenizers, vocabulary: Vocabulary,
+                       warn: bool = True) -> list[Proposal]:
+    """The proposals whose new words every tokenizer can read (zoom.words: a word-level tokenizer reads only
+    its whole words) and that the generator's reads as something other than the domain. The others are
+    named in one warning line on stderr; ZoomError when none is left."""
+    import sys
+
+    from .words import MAX_LISTED, _named, reader_vocab, unreadable_words, vocabulary_words
+
+    def unreadable(tokenizer, text):
+        spelled, unknown, _ = unreadable_words(tokenizer, text)
+        return spelled + unknown
+
+    generator = dict(tokenizers).get("generator")
+    # words of the domain itself are the audit's to refuse, with its own message
+    in_domain = {reader: set(unreadable(t, domain)) for reader, t in tokenizers}
+    kept, as_domain, left_out, words, readers = [], [], [], [], []
+    for p in proposals:
+        if _reads_as_domain(generator, p, domain):
+            as_domain.append(p.name)
+            continue
+        bad = []
+        for reader, t in tokenizers:
+            new = [w for w in unreadable(t, p.prompt) if w not in in_domain[reader]]
+            if new and reader not in readers:
+                readers.append(reader)
+            bad += new
+        if bad:
+            left_out.append(p.name)
+            words += [w for w in dict.fromkeys(bad) if w not in words]
+        else:
+            kept.append(p)
+    cannot = f"words the tokenizer of the {' or the '.join(readers)} cannot read ({_named(words)})" if words else ""
+    same = "read as the domain itself once tokenized by the generator's tokenizer (case, spacing and punctuation aside)"
+    if not kept:
+        why = [f"{len(left_out)} have {cannot}"] if left_out else []
+        why += [f"{len(as_domain)} {same}"] if as_domain else []
+        # a word-level tokenizer knows a short list of words: name them
+        known = next((vocabulary_words(reader_vocab(t)) for reader, t in tokenizers
+                      if reader in readers and unreadable_words(t, "")[2]), [])
+        listed = ", ".join(known[:MAX_LISTED]) + (", ..." if len(known) > MAX_LISTED else "")
+        fix = "use words that change the domain" if not left_out else \
+            f"use only words the models know: {listed}" if known else "use words the models' tokenizers can read"
+        raise ZoomError(f"vocabulary {shown_path(vocabulary.source)} proposes nothing for the domain {shown(domain)}: "
+                        f"of its {len(proposals)} proposals, {' and '.join(why)}; {fix}")
+    if (as_domain or left_out) and warn:
+        left = ([f"{_named(left_out)} (with {cannot})"] if left_out else []) + \
+            ([f"{_named(as_domain)} ({same})"] if as_domain else [])
+        print(f"zoom: warning: vocabulary {shown(vocabulary.name)}: {len(as_domain) + len(left_out)} of "
+              f"{len(proposals)} proposals left out before screening: {'; '.join(left)}", file=sys.stderr)
+    return kept
+
+
+def plan_sizes(n_proposals: int, screen_samples: int, confirm_samples: int, top_k: int, budget: int | None,
+               screen_costs: bool = True):
     """(screening seeds, k) within a budget of counterfactuals (each attribute and its null twin on one seed
-    are two): the screening seeds are cut first, down to MIN_SCREEN_SAMPLES."""
+    are two): the screening seeds are cut first, down to MIN_SCREEN_SAMPLES. screen_costs=False: a screen
+    that makes no counterfactuals (the gradient screen), so the budget is the confirmation's alone."""
     k = min(top_k, n_proposals)
     confirm = 2 * confirm_samples * k
     if budget is None:
+        return screen_samples, k
+    if not screen_costs:
+        if budget < confirm:
+            raise ZoomError(f"--budget {budget} counterfactuals is too small: confirming the top {k} on "
+                            f"{confirm_samples} seeds needs {confirm} (each with its null twin); raise --budget or "
+                            "lower --samples / --top-k")
         return screen_samples, k
     fit = (budget - confirm) // (2 * n_proposals)
     if fit < MIN_SCREEN_SAMPLES:
@@ -207,25 +343,50 @@ def _cost(run: Path, wall: float | None) -> dict:
             "wall_seconds": None if wall is None else round(wall, 2)}
 
 
-def _audit(config_path, run: Path, overrides: dict, progress: bool) -> tuple[dict, float | None]:
-    """An audit through zoom's machinery; a finished one is read back (report rebuilt from its records)."""
+def _audit(config_path, run: Path, overrides: dict, progress: bool, state) -> tuple[dict, float | None]:
+    """An audit through zoom's machinery, sharded over the processes as `zoom audit` does; a finished one is
+    read back (report rebuilt from its records). Every process returns the main process's report."""
     from .config import load_config
     from .report import write_report
-    from .runner import run_audit
+    from .runner import _shared, run_audit
 
-    if (run / "report.json").exists():
-        report = json.loads((run / "report.json").read_text(encoding="utf-8"))
-        if (report.get("completeness") or {}).get("complete", True):
-            return write_report(run, html=False), None
+    def finished():
+        if (run / "report.json").exists():
+            report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+            if (report.get("completeness") or {}).get("complete", True):
+                return write_report(run, html=False)
+        return None
+
+    # looked at by the main process alone: the others could see `run` half made by it
+    report, started = _on_main(state, lambda: (finished(), run.exists()))
+    if report is not None:
+        return report, None
     config = load_config(config_path, overrides)
     start = time.perf_counter()
-    report = run_audit(config, run, resume=run.exists(), progress=progress)
-    return report, time.perf_counter() - start
+    report = run_audit(config, run, resume=started, progress=progress)
+    # run_audit returns the report on the main process only; every process must rank from the same one
+    return _shared(state, report), time.perf_counter() - start
+
+
+def _on_main(state, work):
+    """work() on the main process only; its result, or its ZoomError, on every process."""
+    from .runner import _shared
+
+    result = failure = None
+    if state.is_main_process:
+        try:
+            result = work()
+        except ZoomError as e:
+            failure = str(e)
+    result, failure = _shared(state, (result, failure))
+    if failure is not None:
+        raise ZoomError(failure)
+    return result
 
 
 def _score(row: dict | None) -> dict:
     if row is None:
-        return {"score": None, "confirmed_flips": None, "n": None}
+        return {"score": None, "raw_gap": None, "confirmed_flips": None, "n": None}
     gap = lambda a, b: None if a is None or b is None else round(a - b, 6)  # noqa: E731
     return {"score": gap(row.get("confirmed_rate"), row.get("null_confirmed_rate")),
             "raw_gap": gap(row.get("flip_rate"), row.get("null_flip_rate")),
@@ -233,19 +394,55 @@ def _score(row: dict | None) -> dict:
             "confirmed_rate": row.get("confirmed_rate"), "null_confirmed_rate": row.get("null_confirmed_rate")}
 
 
+def _gradient_screen(config_path, out: Path, overrides: dict, seeds: list[int]) -> tuple[dict, dict]:
+    """({name: screening scores}, cost) of the gradient screen; a finished one is read back from its file."""
+    from .config import load_config
+    from .directions import gradient_screen
+    from .rundir import atomic_write
+
+    path = out / GRADIENT_FILE
+    if not path.exists():
+        start = time.perf_counter()
+        data = gradient_screen(load_config(config_path, overrides), seeds)
+        data["cost"]["wall_seconds"] = round(time.perf_counter() - start, 2)
+        atomic_write(path, json.dumps(data, indent=1))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = {name: {**s, "raw_gap": None, "confirmed_flips": None} for name, s in data["scores"].items()}
+    return rows, data["cost"]
+
+
+def _free_direction(config_path, out: Path, overrides: dict, seeds: list[int], keep_out: tuple[str, ...]) -> dict:
+    """The free direction's result (zoom/directions.py); a finished one is read back from its file."""
+    from .config import load_config
+    from .directions import free_direction
+    from .rundir import atomic_write
+
+    path = out / FREE_FILE
+    if not path.exists():
+        start = time.perf_counter()
+        data = free_direction(load_config(config_path, overrides), seeds, keep_out=keep_out)
+        data["cost"]["wall_seconds"] = round(time.perf_counter() - start, 2)
+        atomic_write(path, json.dumps(data, indent=1))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def discover(config_path, out, *, vocabulary="world", prompts=None, target_spec=None, seed=None, samples=None,
              screen_samples: int = DEFAULT_SCREEN_SAMPLES, top_k: int = DEFAULT_TOP_K, budget: int | None = None,
-             device=None, resume: bool = False, progress: bool = True, echo=print) -> dict:
+             screen: str = "bracket", free_direction: bool = False, device=None, resume: bool = False,
+             progress: bool = True, echo=print) -> dict:
     """Run (or with resume, continue) a discovery into `out`; returns discover.json's content."""
     from .config import load_config
     from .models import quiet_libraries
     from .prompts import load_prompts
+    from .runner import process_state
 
     quiet_libraries()
     if budget is not None and budget < 1:
         raise ZoomError(f"--budget must be a positive number of counterfactuals, got {budget}")
     if screen_samples < 1 or top_k < 1 or (samples is not None and samples < 1):
         raise ZoomError("--screen-samples, --top-k and --samples must be positive")
+    if screen not in SCREENS:
+        raise ZoomError(f"--screen must be one of {', '.join(SCREENS)}, got {shown(screen)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ZoomError(f"--out {shown_path(out)} is a file; give a directory")
@@ -257,27 +454,37 @@ def discover(config_path, out, *, vocabulary="world", prompts=None, target_spec=
     vocab = load_vocabulary(vocabulary)
     base = {"target.spec": target_spec, "prompts": prompts, "device": device}
     config = load_config(config_path, base)
+    # under `accelerate launch` (--num-processes) every process runs this; only the main one writes and speaks
+    state = process_state(config)
+    main = state.is_main_process
     domain_set = load_prompts(config.prompts)
     proposals = propose(domain_set.domain, vocab)
     if not proposals:
         raise ZoomError(f"vocabulary {shown_path(vocab.source)} proposes nothing for the domain "
                         f"{shown(domain_set.domain)}: none of its words stands in the domain prompt, or every "
                         "phrase reads as the domain itself; use a vocabulary of this domain's words")
+    proposals = readable_proposals(proposals, domain_set.domain, load_tokenizers(config), vocab, warn=main)
     confirm_samples = samples or config.search.samples
     first = config.search.seed if seed is None else seed
-    screen_n, k = plan_sizes(len(proposals), screen_samples, confirm_samples, top_k, budget)
+    # the gradient screen makes no counterfactuals: the budget is the confirmation's alone
+    screen_n, k = plan_sizes(len(proposals), screen_samples, confirm_samples, top_k, budget,
+                             screen_costs=screen == "bracket")
     plan = {"config": str(config_path), "vocabulary": vocab.source, "prompts": None if prompts is None else str(prompts),
             "target": config.target.spec, "domain": domain_set.domain, "screen_seeds": [first, first + screen_n - 1],
             "confirm_seeds": [first + screen_n, first + screen_n + confirm_samples - 1], "top_k": k,
             "budget": budget, "proposals": [p.to_dict() for p in proposals]}
-    out.mkdir(parents=True, exist_ok=True)
+    # only when not the default: a discovery started before these options resumes as it was
+    plan.update({key: value for key, value in (("screen", screen), ("free_direction", free_direction))
+                 if value != {"screen": "bracket", "free_direction": False}[key]})
+    state.wait_for_everyone()  # every process has looked at --out before the main one writes there
     if resume:
         previous = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
         changed = sorted(key for key in set(plan) | set(previous) if plan.get(key) != previous.get(key))
         if changed:
             raise ZoomError(f"--resume: the discovery differs from the one {shown_path(out)} was started with "
                             f"({', '.join(changed)}); resume with the same options or use a new --out")
-    else:
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
         (out / PLAN_FILE).write_text(json.dumps(plan, indent=1), encoding="utf-8")
     nulls = list(domain_set.nulls)
     common = {**{k_: v for k_, v in base.items() if v is not None}, "search.mode": "single"}
@@ -290,34 +497,50 @@ def discover(config_path, out, *, vocabulary="world", prompts=None, target_spec=
         found = {p.name: p.oracle for p in chosen if p.oracle}
         return {"oracle": found} if found else {}
 
-    echo(f"discover: {len(proposals)} proposals from vocabulary {vocab.name!r}; screening on seeds "
-         f"{plan['screen_seeds'][0]}-{plan['screen_seeds'][1]}, then the top {k} on seeds "
-         f"{plan['confirm_seeds'][0]}-{plan['confirm_seeds'][1]}")
+    if main:
+        echo(f"discover: {len(proposals)} proposals from vocabulary {vocab.name!r}; {screen} screen on seeds "
+             f"{plan['screen_seeds'][0]}-{plan['screen_seeds'][1]}, then the top {k} on seeds "
+             f"{plan['confirm_seeds'][0]}-{plan['confirm_seeds'][1]}")
+    screen_overrides = {**common, "prompts": prompt_set(proposals), **oracles(proposals), "search.samples": screen_n,
+                        "search.seed": first}
+    screen_seeds = list(range(first, first + screen_n))
     try:
-        screen, screen_wall = _audit(config_path, out / "screen", {
-            **common, "prompts": prompt_set(proposals), **oracles(proposals), "search.samples": screen_n,
-            "search.seed": first}, progress)
+        # The free direction and the gradient screen run on the main process alone (each one optimisation or
+        # one backward pass per seed, not sharded); the others take its result.
+        free = _on_main(state, lambda: _free_direction(config_path, out, screen_overrides, screen_seeds, tuple(
+            p.name for p in proposals if p.changes_label))) if free_direction else None
+        if screen == "bracket":
+            report, screen_wall = _audit(config_path, out / "screen", screen_overrides, progress, state)
+            rows = {a["name"]: _score(a) for a in report["attributes"]}
+            screen_cost = _cost(out / "screen", screen_wall)
+        else:
+            rows, screen_cost = _on_main(state, lambda: _gradient_screen(config_path, out, screen_overrides,
+                                                                         screen_seeds))
     except ZoomError:
-        if not resume and not (out / "screen").exists():  # refused before any work: leave nothing behind
-            (out / PLAN_FILE).unlink(missing_ok=True)
+        if main and not resume and not any((out / name).exists() for name in ("screen", GRADIENT_FILE, FREE_FILE)):
+            (out / PLAN_FILE).unlink(missing_ok=True)  # refused before any work: leave nothing behind
             if not any(out.iterdir()):
                 out.rmdir()
         raise
-    rows = {a["name"]: a for a in screen["attributes"]}
-    scored = [{**p.to_dict(), "screening": _score(rows.get(p.name))} for p in proposals]
+    by_name = {p.name: p for p in proposals}
+    named = {}  # the proposals the free direction is named by (all proposals already: marked, not added again)
+    if free:
+        label_kept = [r for r in free["nearest"] if not by_name[r["name"]].changes_label]  # never confirmed anyway
+        named = {r["name"]: {"rank": i, "cosine": r["cosine"]} for i, r in enumerate(label_kept[:FREE_NAMES], 1)}
+    scored = [{**p.to_dict(), "screening": rows.get(p.name) or _score(None), "free_direction": named.get(p.name)}
+              for p in proposals]
     key = lambda s: (-(s["screening"]["score"] if s["screening"]["score"] is not None else -2),  # noqa: E731
                      -(s["screening"]["raw_gap"] if s["screening"]["raw_gap"] is not None else -2), s["name"])
     scored.sort(key=key)
     for rank, s in enumerate(scored, 1):
         s["rank"] = rank
     eligible = [s for s in scored if not s["changes_label"] and (s["screening"]["score"] or 0) > 0][:k]
-    by_name = {p.name: p for p in proposals}
     chosen = [by_name[s["name"]] for s in eligible]
     confirmed, confirm, confirm_wall = [], None, None
     if chosen:
         confirm, confirm_wall = _audit(config_path, out / "confirm", {
             **common, "prompts": prompt_set(chosen), **oracles(chosen), "search.samples": confirm_samples,
-            "search.seed": plan["confirm_seeds"][0]}, progress)
+            "search.seed": plan["confirm_seeds"][0]}, progress, state)
         for a in confirm["attributes"]:
             confirmed.append({key_: a.get(key_) for key_ in (
                 "name", "prompt", "flips", "n", "flip_rate", "confirmed_flips", "confirmed_rate", "confirmed_ci_low",
@@ -327,9 +550,16 @@ def discover(config_path, out, *, vocabulary="world", prompts=None, target_spec=
         "vocabulary": {"name": vocab.name, "source": vocab.source}, "domain": domain_set.domain,
         "target": config.target.spec,
         "proposer": "vocabulary substitution (each word of a category in the place of another) and 'DOMAIN, PHRASE'",
-        "screen": {"method": "the audit's single-mode bracket search on every proposal with its null twin; score = "
-                             "confirmed flip rate - null twins' confirmed flip rate (ties: raw flip-rate gap, then name)",
-                   "seeds": plan["screen_seeds"], "run": str(out / "screen")},
+        "screen": {"name": screen, "method": SCREEN_METHODS[screen], "seeds": plan["screen_seeds"],
+                   "run": str(out / ("screen" if screen == "bracket" else GRADIENT_FILE))},
+        "free_direction": None if free is None else {
+            "method": "a direction in conditioning space (norm <= alpha_max x the median proposal direction's), "
+                      "optimised to flip the target on the screening seeds while its image change stays off the CLIP "
+                      "text directions of the proposals that change the label, named by the cosine between the guide "
+                      f"CLIP image change it causes and each proposal's CLIP text direction; the first {FREE_NAMES} "
+                      "that do not change the label are marked in proposals (free_direction)",
+            **{key_: free[key_] for key_ in ("norm", "bound", "flipped", "of", "steps")},
+            "named": list(named), "nearest": free["nearest"][:10], "file": str(out / FREE_FILE)},
         "screened": len(proposals), "top_k": k,
         "confirm": {"seeds": plan["confirm_seeds"], "run": str(out / "confirm") if chosen else None,
                     "chosen": [p.name for p in chosen],
@@ -339,9 +569,11 @@ def discover(config_path, out, *, vocabulary="world", prompts=None, target_spec=
         "proposals": scored, "confirmed": confirmed,
         "discovered": [c["name"] for c in significant],
         "discovered_prompts": str(out / "discovered.yaml") if significant else None,
-        "cost": {"screening": _cost(out / "screen", screen_wall),
+        "cost": {**({"free_direction": free["cost"]} if free else {}), "screening": screen_cost,
                  "confirmation": _cost(out / "confirm", confirm_wall) if chosen else None},
     }
+    if not main:  # the same result on every process; the main one writes it
+        return result
     if significant:
         from .rundir import atomic_write
         import yaml
@@ -354,13 +586,17 @@ def discover(config_path, out, *, vocabulary="world", prompts=None, target_spec=
         atomic_write(out / "discovered.yaml", text)
     (out / "discover.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     (out / "discover.md").write_text(summary(result), encoding="utf-8")
+    from .report.discovery import write_discovery
+
+    write_discovery(result, out)  # discover.html: proposals, confirmed table, gallery of the confirmed
     return result
 
 
 def summary(result: dict) -> str:
     """discover.json as text: the proposals ranked by screening score, then the confirmed table."""
-    lines = [f"zoom discover: {result['screened']} proposals screened on seeds {result['screen']['seeds'][0]}-"
-             f"{result['screen']['seeds'][1]} (vocabulary {result['vocabulary']['name']}, domain {result['domain']!r})",
+    lines = [f"zoom discover: {result['screened']} proposals screened ({result['screen'].get('name', 'bracket')}) "
+             f"on seeds {result['screen']['seeds'][0]}-{result['screen']['seeds'][1]} "
+             f"(vocabulary {result['vocabulary']['name']}, domain {result['domain']!r})",
              "", "rank  score   confirmed/n  proposal"]
     for s in result["proposals"]:
         sc = s["screening"]
@@ -384,10 +620,11 @@ def summary(result: dict) -> str:
         lines.append(f"prompt set of the significant ones: {result['discovered_prompts']}  "
                      f"(zoom audit --prompts {result['discovered_prompts']})")
     cost = result["cost"]
-    for stage in ("screening", "confirmation"):
-        c = cost[stage]
+    for stage in ("free_direction", "screening", "confirmation"):
+        c = cost.get(stage)
         if c:
-            wall = "" if c["wall_seconds"] is None else f", {c['wall_seconds']:.0f} s wall"
-            lines.append(f"cost, {stage}: {c['counterfactuals']} counterfactuals, {c['unet_calls']:,} UNet calls, "
+            wall = "" if c.get("wall_seconds") is None else f", {c['wall_seconds']:.0f} s wall"
+            lines.append(f"cost, {stage.replace('_', ' ')}: {c['counterfactuals']} counterfactuals, "
+                         f"{c['unet_calls']:,} UNet calls, "
                          f"{c['search_seconds']:.0f} s of search{wall}")
     return "\n".join(lines) + "\n"
