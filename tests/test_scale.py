@@ -521,3 +521,29 @@ def test_bench_tiny_prints_one_json_line_with_every_field(tiny):
         assert field in result, field
     assert set(result["time_split"]) == {"generator", "decoder", "guide", "target"}
     assert result["counterfactuals_per_s"] > 0 and result["overhead_ratio"] > 0
+
+
+def test_discover_on_two_cpu_processes_gives_the_one_process_discovery(tmp_path):
+    """`zoom discover --num-processes 2`: both audits (screen, confirm) sharded as `zoom audit` shards them, the
+    same proposals, scores, choice and confirmed table as one process, written once."""
+    config = tmp_path / "world.yaml"  # the demo, in blocks of 2 seeds: both processes get screening work
+    config.write_text((ROOT / "zoom" / "data" / "configs" / "demo.yaml").read_text().replace(
+        "batch_size: 16", "batch_size: 2"))
+    vocabulary = tmp_path / "colours.yaml"
+    vocabulary.write_text("categories: [{name: colour, words: [green, red, blue]}]\n")
+    found = {}
+    for k in (1, 2):
+        out = tmp_path / f"found-{k}"
+        done = _zoom("discover", "--config", str(config), "--vocabulary", str(vocabulary), "--screen-samples", "4",
+                     "--samples", "4", "--top-k", "2", "--out", str(out), "--num-processes", str(k))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("zoom discover:") == 1  # printed by the main process only
+        found[k] = json.loads((out / "discover.json").read_text())
+        found[k]["cost"] = {stage: {"counterfactuals": c["counterfactuals"], "unet_calls": c["unet_calls"]}
+                            for stage, c in found[k]["cost"].items() if c}  # without the wall times
+    for rank in (0, 1):  # each process searched its share of the screening seeds
+        assert (tmp_path / "found-2" / "screen" / "records" / f"rank-{rank}.jsonl").read_text().strip()
+    assert found[1]["confirm"]["chosen"], "nothing confirmed: the test would not cover the confirmation"
+    for key in ("proposals", "confirmed", "discovered", "cost"):
+        assert found[2][key] == found[1][key], key
+    assert found[2]["confirm"]["chosen"] == found[1]["confirm"]["chosen"]

@@ -2,7 +2,8 @@
 find the bias trained into each target? Prints a table and writes OUT/discover_world.json.
 
     python tools/discover_world.py [--levels 0.99,0.9,0.75,0.2] [--domains green-square] [--seed 1000]
-        [--screen-samples 8] [--samples 16] [--top-k 5] [--out runs/discover-world]
+        [--screen-samples 8] [--samples 16] [--top-k 5] [--screens bracket,gradient] [--free]
+        [--out runs/discover-world]
 
 For each target (red circles at P(red | circle) = p; 0.2 is the balanced one) and domain (tools/validate_world.py's
 DOMAINS), one discovery through zoom.discover.discover with the bundled `demo` config. Reported per run: red's
@@ -10,10 +11,15 @@ screening rank (among proposals that do not change the label), the significant c
 hit@1 / hit@5 (red first / in the top five significant), precision@1 / @5 (the share of the top one / five
 significant attributes that are red, the one trained-in bias), and the cost of screening and confirmation.
 
+With several --screens, one discovery per screen (the first's is the main row; the others in OUT/<run>-SCREEN,
+on the same seeds), each with its hit@1 / precision@1 and cost. With --free, the gradient run also optimises a
+free direction (--free-direction) and the row gives red's rank among the proposals nearest to it.
+
 Two measurements beside it:
-- the screen against the full audit: every proposal audited on the confirmation seeds (OUT/<run>-full),
-  Spearman's rho between the screening scores and the full audit's (confirmed rate minus null twins'), and
-  whether the full audit's significant attributes were among the k the screen chose;
+- each screen against the full audit: every proposal audited on the confirmation seeds (OUT/<run>-full),
+  Spearman's rho between the screening scores and the full audit's confirmed flip rates (rho_rate) and
+  confirmed rate minus null twins' (rho), over the proposals that do not change the label, and whether the
+  full audit's significant attributes were among the k the screen chose;
 - a correlational baseline in the style of B2T (Kim et al., 2024): BASELINE_IMAGES rendered squares of the
   world (every colour, background, size and pattern), split by whether the target calls them circles; each
   proposal scored by the judge CLIP's mean similarity to its prompt on the flipped images minus on the
@@ -68,11 +74,13 @@ def baseline(p: float, proposals: list[dict]) -> dict:
             "precision@5": order[:5].count(TRUE) / 5}
 
 
-def full_audit(run_dir: Path, result: dict, args) -> dict:
-    """Every proposal audited on the confirmation seeds: how well did the cheap screen rank them?"""
+def full_audit(run_dir: Path, results: dict, args) -> dict:
+    """Every proposal audited on the confirmation seeds: how well did each cheap screen rank them?"""
     from scipy import stats
 
     from zoom.discover import _audit
+
+    result = next(iter(results.values()))
 
     plan = json.loads((run_dir / "discover-plan.json").read_text())
     chosen = [s for s in result["proposals"] if not s["changes_label"]]
@@ -82,16 +90,27 @@ def full_audit(run_dir: Path, result: dict, args) -> dict:
                                                                      for s in chosen],
                              "null": domain_null(plan)},
                  "oracle": {s["name"]: o for s in chosen if (o := oracle_of(s))}}
-    report, _ = _audit("demo", Path(str(run_dir) + "-full"), overrides, False)
+    report, _ = _audit("demo", Path(str(run_dir) + "-full"), overrides, False)  # shared by every screen's run
     rows = {a["name"]: a for a in report["attributes"]}
     full = {n: (r["confirmed_rate"] or 0) - (r["null_confirmed_rate"] or 0) for n, r in rows.items()}
-    screen = [s["screening"]["score"] or 0 for s in chosen]
+    rate = {n: r["confirmed_rate"] or 0 for n, r in rows.items()}
     sig = [a["name"] for a in report["attributes"] if a["significant"]]
-    rho = stats.spearmanr(screen, [full[s["name"]] for s in chosen]).statistic
-    return {"spearman_screen_vs_full": None if rho != rho else float(rho), "full_significant": sig,
-            "full_significant_in_screen_top_k": [n for n in sig if n in result["confirm"]["chosen"]],
-            "full_first": report["attributes"][0]["name"],
-            "full_cost_counterfactuals": report["cost"]["counterfactuals"]}
+
+    def rho(screened: dict, truth: dict):
+        by = {s["name"]: s["screening"]["score"] or 0 for s in screened["proposals"]}
+        value = stats.spearmanr([by[s["name"]] for s in chosen], [truth[s["name"]] for s in chosen]).statistic
+        return None if value != value else round(float(value), 3)
+
+    out = {"full_significant": sig, "full_first": report["attributes"][0]["name"],
+           "full_rates": {n: round(v, 3) for n, v in rate.items()},
+           "full_cost_counterfactuals": report["cost"]["counterfactuals"], "screens": {}}
+    for screen, r in results.items():
+        out["screens"][screen] = {"rho": rho(r, full), "rho_rate": rho(r, rate),
+                                  "full_significant_in_screen_top_k": [n for n in sig if n in r["confirm"]["chosen"]]}
+    first = out["screens"][next(iter(results))]  # the main row's keys, as before
+    out["spearman_screen_vs_full"] = first["rho"]
+    out["full_significant_in_screen_top_k"] = first["full_significant_in_screen_top_k"]
+    return out
 
 
 def domain_null(plan: dict) -> list[str]:
@@ -109,14 +128,41 @@ def oracle_of(s: dict):
     return None
 
 
+def summarise(result: dict) -> dict:
+    """hit@1 / precision@1 and cost of one discovery."""
+    sig = result["discovered"]
+    return {"chosen": result["confirm"]["chosen"], "significant": sig, "hit@1": TRUE in sig[:1],
+            "precision@1": (sig[:1].count(TRUE) / len(sig[:1])) if sig else None,
+            "screening_cost": result["cost"]["screening"], "free_direction": result.get("free_direction")}
+
+
+def free_rank(result: dict) -> dict | None:
+    """Red among the proposals nearest the free direction: its rank among all and among those that keep the label."""
+    free = result.get("free_direction")
+    if not free:
+        return None
+    path = Path(free["file"])
+    nearest = [r["name"] for r in json.loads(path.read_text())["nearest"]]
+    label = {s["name"] for s in result["proposals"] if s["changes_label"]}
+    kept = [n for n in nearest if n not in label]
+    return {"red_rank": nearest.index(TRUE) + 1, "red_rank_label_kept": kept.index(TRUE) + 1, "of": len(nearest),
+            "nearest": nearest[:5], "named": free["named"], "flipped": free["flipped"], "of_seeds": free["of"],
+            "cost": result["cost"]["free_direction"]}
+
+
 def run(out: Path, domain: str, p: float, args) -> dict:
     from zoom.discover import discover
 
     run_dir = out / f"{domain}-p{round(p * 100):02d}"
-    result = discover("demo", run_dir, vocabulary="world", prompts=domain_prompts(domain)["prompts"],
-                      target_spec=target_spec(p), seed=args.seed, samples=args.samples,
-                      screen_samples=args.screen_samples, top_k=args.top_k, progress=False,
-                      resume=(run_dir / "discover-plan.json").exists(), echo=lambda *_: None)
+    results = {}
+    for i, screen in enumerate(args.screens.split(",")):
+        where = run_dir if i == 0 else Path(f"{run_dir}-{screen}")
+        results[screen] = discover(
+            "demo", where, vocabulary="world", prompts=domain_prompts(domain)["prompts"], target_spec=target_spec(p),
+            seed=args.seed, samples=args.samples, screen_samples=args.screen_samples, top_k=args.top_k,
+            screen=screen, free_direction=args.free and screen == "gradient", progress=False,
+            resume=(where / "discover-plan.json").exists(), echo=lambda *_: None)
+    result = next(iter(results.values()))
     ranked = [s["name"] for s in result["proposals"] if not s["changes_label"]]
     sig = result["discovered"]  # significant confirmed, in the confirmation report's order
     top1, top5 = sig[:1], sig[:5]
@@ -128,7 +174,9 @@ def run(out: Path, domain: str, p: float, args) -> dict:
             "significant": sig, "hit@1": TRUE in top1, "hit@5": TRUE in top5,
             "precision@1": (top1.count(TRUE) / len(top1)) if top1 else None,
             "precision@5": (top5.count(TRUE) / len(top5)) if top5 else None,
-            "cost": result["cost"], "screen_vs_full": full_audit(run_dir, result, args) if args.full else None,
+            "cost": result["cost"], "screens": {s: summarise(r) for s, r in results.items()},
+            "free": next((free_rank(r) for r in results.values() if r.get("free_direction")), None),
+            "screen_vs_full": full_audit(run_dir, results, args) if args.full else None,
             "baseline": baseline(p, result["proposals"]) if args.baseline else None}
 
 
@@ -140,6 +188,8 @@ def main():
     parser.add_argument("--screen-samples", type=int, default=8)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--screens", default="bracket", help="comma-separated: bracket,gradient")
+    parser.add_argument("--free", action="store_true", help="the gradient run also finds and names a free direction")
     parser.add_argument("--out", default="runs/discover-world")
     parser.add_argument("--no-full", dest="full", action="store_false", help="skip the full audit of every proposal")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the B2T-style baseline")
@@ -171,6 +221,18 @@ def main():
               f"({', '.join(f.get('full_significant_in_screen_top_k') or []) or 'none'}) | "
               f"{b.get('flipped_images')}/{b.get('of')}, {', '.join(b.get('ranking') or []) or '-'}, "
               f"{b.get('precision@1')}, {b.get('precision@5')} |")
+    print("\n| domain | target | screen | rho vs full: confirmed rate (gap to null) | confirmed top k | "
+          "significant | screening: UNet calls, s | free direction: red's rank (label kept), named |"
+          "\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for screen, x in r["screens"].items():
+            f = ((r["screen_vs_full"] or {}).get("screens") or {}).get(screen, {})
+            c, free = x["screening_cost"], r["free"] if x["free_direction"] else None
+            print(f"| {r['domain']} | {'balanced' if r['p'] == 0.2 else 'p = ' + str(r['p'])} | {screen} | "
+                  f"{f.get('rho_rate')} ({f.get('rho')}) | {', '.join(x['chosen']) or 'none'} | "
+                  f"{', '.join(x['significant']) or 'none'} | {c['unet_calls']:,}, {c['search_seconds']:.0f} | "
+                  + (f"{free['red_rank']} ({free['red_rank_label_kept']}) of {free['of']}, {', '.join(free['named'])} |"
+                     if free else "- |"))
 
 
 if __name__ == "__main__":

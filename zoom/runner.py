@@ -48,7 +48,16 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
     state = process_state(config)
     rank, world = state.process_index, state.num_processes
     out = Path(out_dir)
-    resolved = prepare_run_dir(out, config, resume)
+    # Checked by the main process alone: another one, later here, could find out_dir already made by it.
+    resolved, failure = None, None
+    if state.is_main_process:
+        try:
+            resolved = prepare_run_dir(out, config, resume)
+        except ZoomError as e:
+            failure = str(e)
+    failure = _shared(state, failure)
+    if failure:
+        raise ZoomError(failure)
     device = pick_device(config, state)
     models = models or load_models(config, device)
     configure_threads(device, models.generator, world)
@@ -66,7 +75,6 @@ def run_audit(config: Config, out_dir, *, resume: bool = False, models: Models |
 
     # 1. The run directory: the main process creates it (or, resuming, re-checks it) under its lock.
     lock = None
-    failure = None
     if state.is_main_process:
         try:
             lock = open_run_dir(out, resolved, resume, run_info(config, models, device, world))
