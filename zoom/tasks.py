@@ -25,7 +25,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torchvision.transforms.functional as TF
 
 from .errors import ZoomError, shown
 
@@ -660,23 +659,6 @@ def keypoints_of_top_instance(dets: list[dict], images) -> torch.Tensor:
     return torch.stack(out)
 
 
-class SegmenterAdapter(nn.Module):
-    """A torchvision segmentation model (returns a dict; `out` is the logits) with its preprocessing."""
-
-    def __init__(self, model: nn.Module, resize_size=None, mean=None, std=None):
-        super().__init__()
-        self.model, self.resize_size = model, resize_size
-        self.mean, self.std = mean, std
-
-    def forward(self, images):
-        x = images
-        if self.resize_size is not None:
-            x = TF.resize(x, self.resize_size, antialias=True)
-        if self.mean is not None:
-            x = TF.normalize(x, list(self.mean), list(self.std))
-        return self.model(x)["out"]
-
-
 def torchvision_family(name: str) -> str | None:
     import torchvision.models as tvm
 
@@ -692,21 +674,19 @@ def task_target(name: str, model: nn.Module, weights=None):
 
     weights: the torchvision weights entry it was built with (its preprocessing and names), or None
     (random or local weights: segmentation gets ImageNet normalisation and no resize)."""
-    from .targets import IMAGENET_MEAN, IMAGENET_STD, Target
+    from .targets import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target
 
     family = torchvision_family(name)
     meta = weights.meta if weights is not None else {}
-    if family == "segmentation":
-        if weights is not None:
-            t = weights.transforms()
-            adapter = SegmenterAdapter(model, t.resize_size, t.mean, t.std)
-        else:
-            adapter = SegmenterAdapter(model, None, IMAGENET_MEAN, IMAGENET_STD)
+    if family == "segmentation":  # its {"out": logits} is read by Target (as_output)
+        t = weights.transforms() if weights is not None else None
+        preprocess = (Preprocess(t.resize_size, None, t.mean, t.std) if t is not None
+                      else Preprocess(None, None, IMAGENET_MEAN, IMAGENET_STD))
+        target = Target(model, preprocess, meta.get("categories"))
     elif family in ("detection", "keypoints"):
-        adapter = DetectorAdapter(model, keypoints=family == "keypoints")
+        target = Target(DetectorAdapter(model, keypoints=family == "keypoints"), None, meta.get("categories"))
     else:
         raise ZoomError(f"target.spec: torchvision {shown(name)} is not a detection, keypoint or segmentation model")
-    target = Target(adapter, None, meta.get("categories"))
     target.keypoint_names = meta.get("keypoint_names")
     return target
 
