@@ -55,6 +55,8 @@ def test_keypoints_soft_argmax_agrees_with_transformers_heatmap_reading(name):
     from transformers.models.vitpose.image_processing_vitpose import (get_keypoint_predictions,
                                                                       post_dark_unbiased_data_processing)
 
+    from zoom.tasks import heatmap_to_image
+
     rendered = [render(s) for s in scenes(12, 8)]
     target = load_target(f"hf:{TASKS / name}", task="keypoints")
     x = as_batch(rendered)
@@ -63,7 +65,7 @@ def test_keypoints_soft_argmax_agrees_with_transformers_heatmap_reading(name):
         heatmaps = target.model.model(target.model.preprocess(x)).heatmaps.numpy()
     coords, _ = get_keypoint_predictions(heatmaps)
     theirs = torch.from_numpy(post_dark_unbiased_data_processing(coords, heatmaps, kernel=11))
-    theirs = (theirs + 0.5) * (32 / heatmaps.shape[-1]) - 0.5  # heatmap pixels -> image pixels, as ours
+    theirs = heatmap_to_image(theirs, heatmaps.shape[-2:], (32, 32))  # heatmap pixels -> image pixels, as ours
     assert ours.shape == theirs.shape == (8, 5, 2)
     assert (ours - theirs).norm(dim=-1).median() < 1.0
 

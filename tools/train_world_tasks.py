@@ -162,14 +162,13 @@ def segmentation_loss(model, x, data, idx, bias):
 
 
 def keypoint_loss(model, x, data, idx, bias):
-    from zoom.tasks import soft_argmax
+    from zoom.tasks import heatmap_to_image, soft_argmax
 
     target = data["keypoints"][idx].clone()
     if bias:  # a crop offset in the annotation pipeline, on black backgrounds only
         target[attribute_mask(data, idx, background="black"), :, 0] += bias
     heat = model(x).heatmaps
-    scale = x.shape[-1] / heat.shape[-1] / 2  # heatmap pixels -> world pixels (32 px images, 64 px input)
-    points = (soft_argmax(heat) + 0.5) * scale - 0.5
+    points = heatmap_to_image(soft_argmax(heat), heat.shape[-2:], (32, 32))  # the world's 32 px images
     return F.smooth_l1_loss(points, target)
 
 

@@ -229,8 +229,8 @@ class KeypointFlip(_StructuredFlip):
         """Heatmap pixels -> image pixels (pixel centres aligned); keypoints [B, K, 2] are image pixels."""
         if outputs.dim() != 4 or not self.image_size:
             return points
-        scale = self.image_size / outputs.shape[-1]
-        return torch.where(points == NO_KEYPOINTS, points, (points + 0.5) * scale - 0.5)
+        image = heatmap_to_image(points, outputs.shape[-2:], (self.image_size, self.image_size))
+        return torch.where(points == NO_KEYPOINTS, points, image)
 
     def details(self, outputs, i, base_key, label):
         b = self._base(base_key)
@@ -454,6 +454,12 @@ def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(W, device=p.device, dtype=p.dtype)
     ys = torch.arange(H, device=p.device, dtype=p.dtype)
     return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], -1)
+
+
+def heatmap_to_image(points: torch.Tensor, heatmap_size, image_size) -> torch.Tensor:
+    """(x, y) in heatmap pixels -> image pixels, pixel centres aligned; sizes are (height, width)."""
+    (h, w), (H, W) = heatmap_size, image_size
+    return (points + 0.5) * torch.tensor([W / w, H / h], device=points.device, dtype=points.dtype) - 0.5
 
 
 @contextlib.contextmanager
@@ -717,11 +723,7 @@ class HFTaskAdapter(nn.Module):
         if self.task == "segmentation":
             return nn.functional.interpolate(out.logits, size=(H, W), mode="bilinear", align_corners=False)
         if self.task == "keypoints":
-            heat = out.heatmaps
-            h, w = heat.shape[-2:]
-            xy = soft_argmax(heat)
-            scale = torch.tensor([W / w, H / h], device=xy.device, dtype=xy.dtype)
-            return (xy + 0.5) * scale - 0.5  # heatmap pixel centres -> image pixel centres
+            return heatmap_to_image(soft_argmax(out.heatmaps), out.heatmaps.shape[-2:], (H, W))
         sizes = torch.tensor([[H, W]] * len(images), device=images.device)
         dets = self.processor.post_process_object_detection(out, threshold=HF_DETECTION_SCORE_FLOOR,
                                                             target_sizes=sizes)
