@@ -9,7 +9,6 @@ Marks come from the criterion's `details` (zoom.tasks), in the image's own pixel
 
 from __future__ import annotations
 
-import io
 import math
 
 DISPLAY = 256  # the overlay's longer side, at least
@@ -18,17 +17,13 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (255, 225, 25), (170, 110, 40)]
 
 
-def overlay_png(image, marks: dict) -> bytes:
-    """image [3, H, W] in [0, 1] and its marks -> the overlay as PNG bytes."""
-    buffer = io.BytesIO()
-    draw_marks(image, marks).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def draw_marks(image, marks: dict):
+    """image [3, H, W] in [0, 1] and its marks -> the overlay (a PIL image)."""
     from PIL import Image, ImageDraw
 
-    array = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    from .rundir import image_array
+
+    array = image_array(image)
     h, w = array.shape[:2]
     k = max(1, math.ceil(DISPLAY / max(h, w)))
     canvas = Image.fromarray(array).resize((w * k, h * k), Image.NEAREST).convert("RGBA")

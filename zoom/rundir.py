@@ -288,12 +288,17 @@ def atomic_write(path, data: bytes | str) -> None:
         raise _io_error(path, e, KEPT) from None
 
 
+def image_array(image):
+    """An image tensor [3, H, W] in [0, 1] -> [H, W, 3] uint8, as saved."""
+    return image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 def save_png(path: Path, image) -> None:
+    """image: a tensor [3, H, W] in [0, 1], or a PIL image (a gallery overlay)."""
     from PIL import Image
 
-    array = image.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    (image if isinstance(image, Image.Image) else Image.fromarray(image_array(image))).save(buffer, format="PNG")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -26,8 +26,8 @@ from .config import Config
 from .errors import ZoomError
 from .models import Models, configure_threads, load_models, pick_device, run_info
 from .prompts import NULL_NAME, Attribute, load_prompts
-from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, atomic_write, check_out_dir, open_run_dir, read_records,
-                     save_png, write_rank_meta)
+from .rundir import (IMAGES_DIR, RECORDS_DIR, RecordWriter, check_out_dir, open_run_dir, read_records, save_png,
+                     write_rank_meta)
 
 
 EVAL_IMAGES = 64  # images per forward pass when a bracket searches several arms of a block together
@@ -262,13 +262,13 @@ class _ItemWriter:
 
     def overlays(self, i: int, path: str, image, marks: dict) -> dict:
         """The marks drawn on the base image (once per seed) and on the counterfactual, saved beside them."""
-        from .overlays import overlay_png
+        from .overlays import draw_marks
 
         base_path = self.base_paths[i].removesuffix(".png") + ".overlay.png"
         if not (self.out / base_path).exists():
-            atomic_write(self.out / base_path, overlay_png(self.base.images[i], marks["base"]))
+            save_png(self.out / base_path, draw_marks(self.base.images[i], marks["base"]))
         cf_path = path.removesuffix(".png") + ".overlay.png"
-        atomic_write(self.out / cf_path, overlay_png(image, marks["final"]))
+        save_png(self.out / cf_path, draw_marks(image, marks["final"]))
         return {"base_overlay": base_path, "counterfactual_overlay": cf_path}
 
     def judge_change(self, images: torch.Tensor, prompt: str) -> list[float]:
