@@ -105,6 +105,17 @@ def demo(out):
     _print_report(report, out)
 
 
+def num_processes_option(what: str):
+    """--num-processes of the commands that run under `accelerate launch` (audit, finetune, discover)."""
+    return click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+                        help=f"Processes to {what}, through `accelerate launch`: one per GPU, or CPU processes.")
+
+
+def _relaunch(num_processes: int) -> bool:
+    """Whether this command must start its K processes (it is not one of them already)."""
+    return num_processes > 1 and "WORLD_SIZE" not in os.environ
+
+
 @main.command(epilog="""\b
 Examples:
   zoom audit --config demo                                   # the shapes world, offline
@@ -129,8 +140,7 @@ Configs and prompt sets: a path, or a bundled name (`zoom prompts` lists them)."
               help="Run directory to create (default: runs/audit-DATE-TIME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished items.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow hf: targets to run code from their repository.")
-@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes to run on, through `accelerate launch`: one per GPU, or CPU processes.")
+@num_processes_option("run on")
 def audit(config_path, target, prompts, samples, seed, mode, precision, device, out, resume, trust_remote_code,
           num_processes):
     """Audit a target model's sensitivity to the attributes of a prompt set."""
@@ -147,7 +157,7 @@ def audit(config_path, target, prompts, samples, seed, mode, precision, device, 
     quiet_libraries()
     config = load_config(config_path, overrides)
     out = out or os.path.join("runs", _default_out("audit"))
-    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+    if _relaunch(num_processes):
         prepare_run_dir(out, config, resume)  # bad input fails here, once, before K processes start
         args = ["audit", "--config", config_path, "--out", out]
         for flag, value in [("--target", target), ("--prompts", prompts), ("--samples", samples), ("--seed", seed),
@@ -325,8 +335,7 @@ An attribute that should change the label is marked in its prompt file and never
               help="Steps between checkpoints (in .MODEL_DIR.partial/ until the end).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune of --out from its checkpoint.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the hf: target to run code from its repository.")
-@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes to train on, through `accelerate launch`: one per GPU, or CPU processes.")
+@num_processes_option("train on")
 def finetune(target_spec, runs, out, steps, batch_size, lr, seed, flipped_only, valid_only, precision, device,
              checkpoint_every, resume, trust_remote_code, num_processes):
     """Fine-tune a target on its counterfactuals: each keeps its base image's label, mixed with the bases.
@@ -341,7 +350,7 @@ def finetune(target_spec, runs, out, steps, batch_size, lr, seed, flipped_only, 
     from .models import quiet_libraries
 
     quiet_libraries()
-    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+    if _relaunch(num_processes):
         prepare_out(out, resume)  # bad input fails here, once, before K processes start
         target, _ = trainable_target(target_spec, trust_remote_code)
         gather(list(runs), target.labels, flipped_only=flipped_only, valid_only=valid_only)
@@ -398,8 +407,7 @@ categories and phrases (README.md, "Discovering attributes", documents the forma
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory to create (default: runs/discover-DATE-TIME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted discovery in --out.")
-@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes to run the audits on, through `accelerate launch`: one per GPU, or CPU processes.")
+@num_processes_option("run the audits on")
 def discover(config_path, vocabulary, target, prompts, budget, screen_samples, samples, top_k, screen, free_direction,
              seed, device, out, resume, num_processes):
     """Find attributes that flip the target: propose from a vocabulary, screen cheaply, confirm the best."""
@@ -410,7 +418,7 @@ def discover(config_path, vocabulary, target, prompts, budget, screen_samples, s
     if budget is not None and budget < 1:
         raise ZoomError(f"--budget must be a positive number of counterfactuals, got {budget}")
     out = out or os.path.join("runs", _default_out("discover"))
-    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+    if _relaunch(num_processes):
         from .config import load_config
 
         # a bad config fails here, once; the rest of discover's bad input fails alike on every process, said by one
