@@ -331,28 +331,30 @@ class DetectionFlip(_StructuredFlip):
         b["skip"] = None if len(b["labels"]) else f"skipped: no base detection scores >= {self.score_threshold:g}"
         return b
 
-    def _match(self, outputs, i, b):
-        """Per base detection: best matching output score (0 if none), and the number fabricated."""
+    def _overlaps(self, b, boxes, labels):
+        """[base detections, boxes]: the box overlaps the base detection (IoU >= iou); and with its label."""
         from torchvision.ops import box_iou
 
+        n = len(b["labels"])
+        if not (n and len(boxes)):
+            none = torch.zeros(n, len(boxes), dtype=torch.bool, device=boxes.device)
+            return none, none
+        near = box_iou(b["boxes"].to(boxes.device), boxes.detach()) >= self.iou
+        return near, near & (b["labels"].to(labels.device)[:, None] == labels[None, :])
+
+    def _match(self, outputs, i, b):
+        """Per base detection: best matching output score (0 if none), and the number fabricated."""
         d = outputs.dets[i]
         boxes, labels, scores = d["boxes"].float(), d["labels"], d["scores"].float()
-        n = len(b["labels"])
-        best = [torch.zeros((), device=scores.device) for _ in range(n)]
+        best = [torch.zeros((), device=scores.device) for _ in range(len(b["labels"]))]
         confident = scores.detach() >= self.score_threshold
-        if len(boxes) and n:
-            iou = box_iou(b["boxes"].to(boxes.device), boxes)  # [n, M]
-            same = b["labels"].to(labels.device)[:, None] == labels[None, :]
-            ok = (iou >= self.iou) & same
-            for j in range(n):
-                if ok[j].any():
-                    best[j] = scores[ok[j]].max()
-            # a box over a base detection under another label is that detection relabelled, not fabricated
-            matched = ((iou >= self.iou) & confident[None, :]).any(0)
-        else:
-            matched = torch.zeros(len(boxes), dtype=torch.bool, device=scores.device)
-        fabricated = int((confident & ~matched).sum())
-        return best, fabricated
+        near, same = self._overlaps(b, boxes, labels)
+        for j, ok in enumerate(same):
+            if ok.any():
+                best[j] = scores[ok].max()
+        # a box over a base detection under another label is that detection relabelled, not fabricated
+        matched = (near & confident[None, :]).any(0)
+        return best, int((confident & ~matched).sum())
 
     def _soft(self, outputs, i, b, j, fallback):
         """The score the gradient flows through: the best pre-NMS candidate of label l overlapping box j."""
@@ -403,8 +405,6 @@ class DetectionFlip(_StructuredFlip):
     def details(self, outputs, i, base_key, label):
         """Each base detection is kept (a confident box of its label overlaps it), relabelled (only
         confident boxes of other labels do) or lost (none does); `by_label` counts them per base label."""
-        from torchvision.ops import box_iou
-
         b = self._base(base_key)
         d = outputs.dets[i]
         with torch.no_grad():
@@ -412,12 +412,9 @@ class DetectionFlip(_StructuredFlip):
             boxes, labels = d["boxes"].detach()[confident].float(), d["labels"].detach()[confident]
             scores = d["scores"].detach()[confident].float()
             _, fabricated = self._match(outputs, i, b)
-            n = len(b["labels"])
-            near = (box_iou(b["boxes"].to(boxes.device), boxes) >= self.iou) if n and len(boxes) else \
-                torch.zeros(n, len(boxes), dtype=torch.bool, device=boxes.device)
-            same = near & (b["labels"].to(labels.device)[:, None] == labels[None, :])
+            near, same = self._overlaps(b, boxes, labels)
         by_label: dict[str, dict] = {}
-        for j in range(n):
+        for j in range(len(b["labels"])):
             cell = by_label.setdefault(str(label(int(b["labels"][j]))), {"n": 0, "lost": 0, "relabelled": 0})
             cell["n"] += 1
             if not same[j].any():
