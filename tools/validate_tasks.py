@@ -59,18 +59,15 @@ def shape_changes(run: Path) -> dict:
     """Per attribute: of its raw flips, how many counterfactuals the world's shape oracle reads as another
     shape than their base image. The generator sometimes changes the shape with another attribute (a
     blue triangle made a square by a black background); such a flip is the scene's, not the model's."""
-    import json
-
     import numpy as np
     import torch
     from PIL import Image
 
+    from zoom.rundir import read_records
     from zoom.targets import load_target
     from zoom.world import models_dir
 
-    records = [json.loads(line) for path in sorted((run / "records").glob("rank-*.jsonl"))
-               for line in path.read_text().splitlines() if line.strip()]
-    flips = [r for r in records if r["flipped"] and r["status"] == "ok"]
+    flips = [r for r in read_records(run) if r["flipped"] and r["status"] == "ok"]
     if not flips:
         return {}
     oracle = load_target(f"hf:{models_dir() / 'oracles' / 'shape'}")

@@ -323,20 +323,10 @@ def plan_sizes(n_proposals: int, screen_samples: int, confirm_samples: int, top_
     return min(screen_samples, fit), k
 
 
-def _records(run: Path) -> list[dict]:
-    out = []
-    for path in sorted((run / "records").glob("rank-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a crash: the audit's resume redoes it
-                    pass
-    return out
-
-
 def _cost(run: Path, wall: float | None) -> dict:
-    records = _records(run)
+    from .rundir import read_records
+
+    records = read_records(run)
     return {"counterfactuals": len(records),
             "unet_calls": int(sum(r.get("unet_calls") or 0 for r in records)),
             "search_seconds": round(sum(r.get("seconds") or 0 for r in records), 2),
